@@ -1,0 +1,131 @@
+//! `tunebook-kernel`: the Jupyter kernel and terminal REPL for tunebook.
+//!
+//! See `ARCHITECTURE.md` ("kernel") for how it is put together.
+
+mod engine;
+mod install;
+mod jupyter;
+mod repl;
+mod slot;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tunebook-kernel", version, about = "Jupyter kernel and REPL for tunebook (Rust, evcxr)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run as a Jupyter kernel (Jupyter starts this; see kernel.json).
+    Run {
+        /// The connection file Jupyter wrote.
+        #[arg(short = 'f', long)]
+        connection_file: PathBuf,
+    },
+    /// Install the "Rust (tunebook)" kernelspec and pre-warm the compile cache.
+    Install {
+        /// Install for this user (default).
+        #[arg(long, conflicts_with_all = ["sys_prefix", "prefix"])]
+        user: bool,
+        /// Install into the active Python environment.
+        #[arg(long, conflicts_with = "prefix")]
+        sys_prefix: bool,
+        /// Install under DIR/share/jupyter.
+        #[arg(long, value_name = "DIR")]
+        prefix: Option<PathBuf>,
+        /// Only write the kernelspec; do not compile anything.
+        #[arg(long)]
+        no_prewarm: bool,
+    },
+    /// Compile the library into the kernel's cache now (what install does after writing the spec).
+    Prewarm,
+    /// An interactive terminal REPL with the library preloaded.
+    Repl,
+}
+
+/// Blocks SIGINT for this thread and threads started after it.
+pub(crate) fn block_sigint() {
+    // SAFETY: signal mask manipulation with a valid, initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits for a (blocked) SIGINT; true when one arrived.
+pub(crate) fn wait_sigint() -> bool {
+    // SAFETY: sigwait on a valid set containing a blocked signal.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig) == 0 && sig == libc::SIGINT
+    }
+}
+
+/// Points evcxr at a locked slot. Must run before any thread is started.
+fn enter_slot() -> anyhow::Result<slot::Slot> {
+    let slot = slot::acquire()?;
+    let config_dir = slot.dir.join("evcxr-config");
+    std::fs::create_dir_all(&config_dir)?;
+    // SAFETY: called from main before any other thread exists.
+    unsafe {
+        std::env::set_var("EVCXR_TMPDIR", &slot.dir);
+        std::env::set_var("EVCXR_CONFIG_DIR", &config_dir);
+    }
+    Ok(slot)
+}
+
+fn main() -> ExitCode {
+    if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+        // The process that runs cells: keep SIGINT pending for the library's
+        // cooperative interrupt checks (tunebook::interrupt).
+        block_sigint();
+    }
+    evcxr::runtime_hook();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { connection_file } => enter_slot().and_then(|_slot| {
+            let engine = engine::Engine::start(engine::EngineConfig {
+                frontend: engine::Frontend::Jupyter,
+                library: Some(slot::library_path()),
+                warm_cells: vec![],
+            });
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let r = rt.block_on(jupyter::serve(&connection_file, engine));
+            rt.shutdown_timeout(std::time::Duration::from_millis(200));
+            r
+        }),
+        Command::Install { user: _, sys_prefix, prefix, no_prewarm } => {
+            let loc = match (sys_prefix, prefix) {
+                (true, _) => install::Location::SysPrefix,
+                (_, Some(p)) => install::Location::Prefix(p),
+                _ => install::Location::User,
+            };
+            install::write_kernelspec(&loc).and_then(|dir| {
+                println!("installed kernelspec \"{}\" in {}", install::DISPLAY_NAME, dir.display());
+                if no_prewarm {
+                    return Ok(());
+                }
+                enter_slot().and_then(|_slot| install::prewarm())
+            })
+        }
+        Command::Prewarm => enter_slot().and_then(|_slot| install::prewarm()),
+        Command::Repl => enter_slot().and_then(|_slot| repl::run()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tunebook-kernel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Persistent, locked evcxr crate directories ("slots").
+//!
+//! evcxr compiles every cell inside a crate directory whose `target/` holds the
+//! compiled dependencies. A fresh directory per start would rebuild the whole
+//! dependency tree (tens of minutes for tunebook), so kernels reuse
+//! `$TUNEBOOK_HOME/kernel/slot-N`. Each slot is guarded by an exclusive `flock`
+//! held for the kernel's lifetime: a second kernel running at the same time takes
+//! the next free slot, so two kernels never compile into the same directory.
+//!
+//! Sharing with the workspace build: slot 0's `target` is a symlink to the
+//! workspace target directory that built this kernel, and the directory above the
+//! slots carries the workspace's own `.cargo/config.toml` (embedded at compile
+//! time), so evcxr's build of `tunebook` uses the exact profile, target triple and
+//! rustflags of `cargo build`: the dependency tree is compiled once and serves the
+//! tests, the CLI and the notebook. Other slots start from a hard-link copy of the
+//! shared target (cheap; cargo and rustc replace files rather than edit them).
+
+use anyhow::{Context, Result, bail};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The workspace's cargo configuration, embedded so the slot build matches it.
+pub const PROFILE_CONFIG: &str = include_str!("../../.cargo/config.toml");
+
+/// The target triple the workspace builds for (evcxr passes `--target` too).
+pub const TARGET_TRIPLE: &str = "x86_64-unknown-linux-gnu";
+
+/// Most kernels that can run at once on one machine.
+const MAX_SLOTS: usize = 16;
+
+/// `$TUNEBOOK_HOME`, default `~/.cache/tunebook`.
+pub fn tunebook_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("TUNEBOOK_HOME") {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("tunebook")
+}
+
+/// Where the slots live.
+pub fn slots_root() -> PathBuf {
+    tunebook_home().join("kernel")
+}
+
+/// The source directory of the `tunebook` library the kernel preloads:
+/// `$TUNEBOOK_LIB_PATH`, else the `lib/` directory this kernel was built from.
+pub fn library_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("TUNEBOOK_LIB_PATH") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("lib")
+}
+
+/// The cargo target directory that built this executable, if it is one
+/// (`<dir>/x86_64-unknown-linux-gnu/<profile>/tunebook-kernel` with `<dir>/CACHEDIR.TAG`).
+/// `$TUNEBOOK_TARGET_DIR` overrides.
+pub fn shared_target_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TUNEBOOK_TARGET_DIR") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let profile_dir = exe.parent()?;
+    let triple_dir = profile_dir.parent()?;
+    if triple_dir.file_name()? != TARGET_TRIPLE {
+        return None;
+    }
+    let target = triple_dir.parent()?;
+    target.join("CACHEDIR.TAG").exists().then(|| target.to_path_buf())
+}
+
+/// A locked slot; the lock is released when this value is dropped or the process exits.
+#[derive(Debug)]
+pub struct Slot {
+    /// Slot number.
+    pub index: usize,
+    /// The evcxr crate directory (`EVCXR_TMPDIR`).
+    pub dir: PathBuf,
+    _lock: File,
+}
+
+fn try_lock(path: &Path) -> Result<Option<File>> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open lock file {}", path.display()))?;
+    // SAFETY: flock on a valid open descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 { Ok(Some(f)) } else { Ok(None) }
+}
+
+/// Writes `contents` to `path` atomically (temp file + rename) if it differs.
+fn write_if_changed(path: &Path, contents: &str) -> Result<()> {
+    if fs::read_to_string(path).ok().as_deref() == Some(contents) {
+        return Ok(());
+    }
+    let dir = path.parent().context("path has no parent")?;
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    fs::write(&tmp, contents)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Takes the first free slot, preparing its directory.
+pub fn acquire() -> Result<Slot> {
+    let root = slots_root();
+    fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    // Config for every slot: cargo reads it from a parent of evcxr's crate dir.
+    write_if_changed(&root.join(".cargo").join("config.toml"), PROFILE_CONFIG)?;
+    for index in 0..MAX_SLOTS {
+        let Some(lock) = try_lock(&root.join(format!("slot-{index}.lock")))? else { continue };
+        let dir = root.join(format!("slot-{index}"));
+        fs::create_dir_all(&dir)?;
+        prepare_target(index, &dir)?;
+        seed_lockfile(&dir);
+        return Ok(Slot { index, dir, _lock: lock });
+    }
+    bail!(
+        "all {MAX_SLOTS} kernel slots under {} are in use: shut down an idle kernel, or remove stale \
+         slot-N.lock files if no tunebook kernel is running",
+        root.display()
+    )
+}
+
+/// Slot 0 links to the shared target; other slots get a hard-link copy of it.
+fn prepare_target(index: usize, dir: &Path) -> Result<()> {
+    let target = dir.join("target");
+    let Some(shared) = shared_target_dir() else { return Ok(()) };
+    if index == 0 {
+        match fs::symlink_metadata(&target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if fs::read_link(&target)? != shared {
+                    fs::remove_file(&target)?;
+                    std::os::unix::fs::symlink(&shared, &target)?;
+                }
+            }
+            Ok(_) => {} // a real directory from an earlier layout: keep using it
+            Err(_) => std::os::unix::fs::symlink(&shared, &target)
+                .with_context(|| format!("cannot link {} to {}", target.display(), shared.display()))?,
+        }
+        return Ok(());
+    }
+    if target.exists() {
+        return Ok(());
+    }
+    // Hard-link copy of what a cell build needs: host artifacts (build scripts,
+    // proc macros) and the target-triple debug tree.
+    fs::create_dir_all(target.join(TARGET_TRIPLE))?;
+    for (from, to) in [
+        (shared.join("debug"), target.join("debug")),
+        (shared.join(TARGET_TRIPLE).join("debug"), target.join(TARGET_TRIPLE).join("debug")),
+    ] {
+        if from.exists() {
+            let status = std::process::Command::new("cp").arg("-al").arg(&from).arg(&to).status();
+            if !matches!(status, Ok(s) if s.success()) {
+                eprintln!("tunebook-kernel: could not seed slot {index} from {}; it will compile from scratch", from.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the slot's lock file from the workspace's, so evcxr resolves the same
+/// dependency versions that the workspace compiled.
+fn seed_lockfile(dir: &Path) {
+    let lock = dir.join("Cargo.lock");
+    if lock.exists() {
+        return;
+    }
+    let ws_lock = library_path().join("..").join("Cargo.lock");
+    let _ = fs::copy(ws_lock, lock);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_profile_matches_what_evcxr_passes() {
+        // evcxr always builds with RUSTFLAGS=-Cprefer-dynamic and --target <host>;
+        // the workspace must build the same way for artifacts to be shared.
+        assert!(PROFILE_CONFIG.contains("rustflags = [\"-Cprefer-dynamic\"]"));
+        assert!(PROFILE_CONFIG.contains(&format!("target = \"{TARGET_TRIPLE}\"")));
+        assert!(PROFILE_CONFIG.contains("[profile.dev.package.\"*\"]"));
+    }
+
+    #[test]
+    fn second_lock_on_a_slot_fails_while_the_first_is_held() {
+        let dir = std::env::temp_dir().join(format!("tb-slot-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("slot-0.lock");
+        let first = try_lock(&p).unwrap();
+        assert!(first.is_some());
+        assert!(try_lock(&p).unwrap().is_none(), "flock is exclusive across open file descriptions");
+        drop(first);
+        assert!(try_lock(&p).unwrap().is_some());
+        let _ = fs::remove_dir_all(dir);
+    }
+}

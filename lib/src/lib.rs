@@ -1,0 +1,36 @@
+//! # tunebook
+//!
+//! Fine-tune your own LLMs from a notebook, on your own hardware: explore data with
+//! polars, fine-tune Llama-family models with candle, track runs in MLflow,
+//! register models and query or serve them. See `ARCHITECTURE.md` for the map.
+//!
+//! In the tunebook Jupyter kernel everything in [`prelude`] is already imported.
+
+pub mod display;
+pub mod interrupt;
+
+/// The library version, as logged in run tags.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Everything a notebook cell needs, imported by the kernel with
+/// `use tunebook::prelude::*;`.
+pub mod prelude {
+    pub use crate::display::{
+        self, DataFrameExt, EvcxrDisplay, Html, Line, LinePlot, MimeBundle, ProgressBar, Render, Table, input, live, show,
+    };
+    pub use crate::interrupt;
+    pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
+    pub use polars;
+}
+
+/// A short description of this build: version, compute devices available, and how
+/// many threads CPU kernels use. Shown by `tunebook info` and the first notebook.
+pub fn info() -> display::Table {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cuda = if cfg!(feature = "cuda") { "compiled in" } else { "not compiled (build with --features cuda)" };
+    display::Table::new(["item", "value"])
+        .title("tunebook")
+        .row(["version", VERSION])
+        .row(["cpu threads".to_string(), threads.to_string()])
+        .row(["cuda", cuda])
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs every test: set-up, Rust unit and integration tests, then the end-to-end
+# tests (a real Jupyter client against the installed kernel, notebooks executed
+# by nbconvert). Exit status is non-zero if anything fails.
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+cd "$ROOT"
+"$ROOT/scripts/setup.sh"
+printf '\n== cargo test (library)\n'
+cargo_ test -p tunebook
+printf '\n== cargo test (kernel)\n'
+cargo_ test -p tunebook-kernel
+printf '\n== end-to-end tests\n'
+"$VENV/bin/python" -m pytest -v tests/ "$@"
