@@ -11,6 +11,10 @@ export TUNEBOOK_SMOLLM2_GGUF="$TUNEBOOK_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf"
 export VENV="$ROOT/.venv"
 export PATH="$VENV/bin:$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/debug:$PATH"
 export JUPYTER_PLATFORM_DIRS=1
+# Workspace binaries link libstd dynamically (see ARCHITECTURE.md, "One dependency build").
+if RUST_LIBDIR="$(rustc --print target-libdir 2>/dev/null)"; then
+  export LD_LIBRARY_PATH="$RUST_LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # mold intercepts the linker for cargo and for the kernel's cell builds alike.
 cargo_() { if command -v mold >/dev/null; then mold -run cargo "$@"; else cargo "$@"; fi; }

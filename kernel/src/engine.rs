@@ -12,11 +12,14 @@
 pub mod protocol;
 
 use crossbeam_channel::{Receiver, Sender, select, unbounded};
-use evcxr::{CommandContext, EvalCallbacks, EvalContext, InputRequest};
+use evcxr::{CommandContext, EvalCallbacks, EvalContext};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Idle time after the preload before rust-analyzer is warmed up.
+const ANALYZER_WARMUP_IDLE: Duration = Duration::from_millis(1500);
 
 /// How long a cell may ignore an interrupt before its process is killed.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
@@ -298,8 +301,9 @@ struct Shared {
 
 /// Messages from the engine thread to the pump thread.
 enum PumpMsg {
-    /// The cell finished with this result: drain outputs, then emit `Done`.
-    Finished(ExecResult),
+    /// The cell finished with this result (and whether the user interrupted
+    /// it): drain outputs, then emit `Done`.
+    Finished(ExecResult, bool),
     /// Drain outputs (preload finished).
     Flush(Sender<()>),
 }
@@ -338,6 +342,7 @@ fn engine_thread(
             return;
         }
     };
+    log_timing("evcxr context created", started);
     let mut cc = CommandContext::with_eval_context(ctx);
     *shared.child.lock().unwrap() = Some(cc.process_handle());
 
@@ -352,8 +357,12 @@ fn engine_thread(
 
     // The preload: settings that keep the build identical to the workspace's, then the library.
     let linker = if which("mold") { "mold" } else { "system" };
-    let mut preload: Vec<String> = vec![format!(":linker {linker}"), ":offline 1".into()];
+    let mut preload: Vec<String> = vec![format!(":linker {linker}")];
     if let Some(lib) = &config.library {
+        // evcxr's first build (at context creation, without dependencies) pruned
+        // the slot's lock file; restore the workspace's so the preload resolves
+        // exactly the versions the workspace compiled.
+        crate::slot::seed_lockfile(lib, true);
         let lib = lib.canonicalize().unwrap_or_else(|_| lib.clone());
         let features = if cfg!(feature = "cuda") { ", features = [\"cuda\"]" } else { "" };
         preload.push(format!(":dep tunebook = {{ path = {:?}{features} }}", lib.display().to_string()));
@@ -365,7 +374,9 @@ fn engine_thread(
         if cell.starts_with("use tunebook") {
             let _ = events.send(Event::Progress("compiling tunebook (the first start after an install or upgrade builds its dependencies; later starts take seconds)".into()));
         }
-        match cc.execute(cell) {
+        let result = cc.execute(cell);
+        log_timing(&format!("preload `{cell}`"), started);
+        match result {
             Ok(_) => {}
             Err(e) => {
                 preload_error = Some(format!("preload step {} ({cell}) failed: {e}", i + 1));
@@ -377,12 +388,33 @@ fn engine_thread(
     let _ = pump_tx.send(PumpMsg::Flush(ftx));
     let _ = frx.recv_timeout(Duration::from_secs(2));
     shared.ready.store(true, Ordering::SeqCst);
+    let preload_failed = preload_error.is_some();
     let _ = events.send(Event::Ready(match preload_error {
         None => Ok(started.elapsed()),
         Some(e) => Err(e),
     }));
 
-    for req in requests.iter() {
+    // evcxr asks rust-analyzer for the type of every new `let` variable; its first
+    // query loads the whole dependency graph (many seconds with polars and candle).
+    // Do that while the user is still typing: once, after a short idle period.
+    let mut analyzer_warm = config.library.is_none() || preload_failed;
+    loop {
+        let req = if analyzer_warm {
+            match requests.recv() {
+                Ok(r) => r,
+                Err(_) => break,
+            }
+        } else {
+            match requests.recv_timeout(ANALYZER_WARMUP_IDLE) {
+                Ok(r) => r,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    analyzer_warm = true;
+                    let _ = cc.execute("let _tunebook_analyzer_warmup: u8 = 0;");
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        };
         match req {
             Request::Shutdown => break,
             Request::Complete { code, byte_pos, reply } => {
@@ -396,14 +428,19 @@ fn engine_thread(
                 let _ = reply.send(r);
             }
             Request::Execute { code } => {
+                if code.contains("let ") {
+                    analyzer_warm = true;
+                }
                 let seq = shared.exec_seq.fetch_add(1, Ordering::SeqCst) + 1;
                 shared.busy.store(true, Ordering::SeqCst);
                 let events_for_input = events.clone();
-                let input_reader = |req: InputRequest| -> String {
-                    let _ = events_for_input.send(Event::Input { prompt: req.prompt, password: req.is_password });
-                    input_rx.recv().unwrap_or_default()
+                let input_rx = &input_rx;
+                let mut callbacks = EvalCallbacks {
+                    input_reader: &move |req| {
+                        let _ = events_for_input.send(Event::Input { prompt: req.prompt, password: req.is_password });
+                        input_rx.recv().unwrap_or_default()
+                    },
                 };
-                let mut callbacks = EvalCallbacks { input_reader: &input_reader };
                 let result = cc.execute_with_callbacks(&code, &mut callbacks);
                 shared.busy.store(false, Ordering::SeqCst);
                 let interrupted = shared.interrupted.load(Ordering::SeqCst) == seq;
@@ -437,7 +474,7 @@ fn engine_thread(
                     }
                     o => o,
                 };
-                let _ = pump_tx.send(PumpMsg::Finished(outcome));
+                let _ = pump_tx.send(PumpMsg::Finished(outcome, interrupted));
                 // A fresh process after a kill: re-point interrupts at it.
                 *shared.child.lock().unwrap() = Some(cc.process_handle());
             }
@@ -445,6 +482,13 @@ fn engine_thread(
     }
     if let Ok(mut c) = cc.process_handle().lock() {
         let _ = c.kill();
+    }
+}
+
+/// With `TUNEBOOK_KERNEL_TIMING=1`, prints how long start-up steps took (stderr).
+fn log_timing(what: &str, since: Instant) {
+    if std::env::var_os("TUNEBOOK_KERNEL_TIMING").is_some() {
+        eprintln!("tunebook-kernel: {what} at {:.2} s", since.elapsed().as_secs_f64());
     }
 }
 
@@ -493,7 +537,9 @@ struct PanicScan {
 impl PanicScan {
     /// Returns the line to show, or `None` to hide it.
     fn scan(&mut self, line: &str) -> Option<String> {
-        if line.starts_with("thread '") && line.contains("' panicked at ") {
+        // "thread 'main' panicked at src/lib.rs:1:2:" (recent Rust adds the thread
+        // id: "thread 'main' (4242) panicked at ...").
+        if line.starts_with("thread '") && line.contains(" panicked at ") && line.ends_with(':') {
             self.expecting_message = true;
             self.in_backtrace = false;
             return None;
@@ -556,9 +602,10 @@ fn pump(stdout: Receiver<String>, stderr: Receiver<String>, control: Receiver<Pu
                 while let Ok(l) = stdout.try_recv() { out_line(l, &events); }
                 match msg {
                     PumpMsg::Flush(done) => { panic = PanicScan::default(); let _ = done.send(()); }
-                    PumpMsg::Finished(result) => {
+                    PumpMsg::Finished(result, interrupted) => {
                         let result = match (result, panic.message.take()) {
-                            (Ok(_), Some(message)) if message.contains("interrupted by the user") => Err(ExecError::Interrupted { variables_lost: false }),
+                            // A library loop saw the interrupt and the cell unwound.
+                            (Ok(_), Some(_)) if interrupted => Err(ExecError::Interrupted { variables_lost: false }),
                             (Ok(_), Some(message)) => Err(ExecError::Panic { message }),
                             (r, _) => r,
                         };
@@ -633,7 +680,7 @@ mod tests {
     fn panic_lines_become_the_message_and_backtraces_are_hidden() {
         let mut p = PanicScan::default();
         assert_eq!(p.scan("before"), Some("before".into()));
-        assert_eq!(p.scan("thread '<unnamed>' panicked at src/lib.rs:10:5:"), None);
+        assert_eq!(p.scan("thread 'main' (11096) panicked at src/lib.rs:10:5:"), None);
         assert_eq!(p.scan("boom 42"), None);
         assert_eq!(p.scan("stack backtrace:"), None);
         assert_eq!(p.scan("   0: rust_begin_unwind"), None);

@@ -56,6 +56,11 @@ pub fn kernel_json(exe: &Path) -> serde_json::Value {
             env.insert(var.into(), v.into());
         }
     }
+    // Workspace binaries link libstd dynamically (-Cprefer-dynamic, which evcxr
+    // requires and the shared build mirrors): tell the loader where it is.
+    if let Some(lib) = rust_sysroot_lib() {
+        env.insert("LD_LIBRARY_PATH".into(), lib.display().to_string().into());
+    }
     serde_json::json!({
         "argv": [exe.display().to_string(), "run", "--connection-file", "{connection_file}"],
         "display_name": DISPLAY_NAME,
@@ -64,6 +69,12 @@ pub fn kernel_json(exe: &Path) -> serde_json::Value {
         "env": env,
         "metadata": { "debugger": false }
     })
+}
+
+/// The active toolchain's target library directory, where `libstd-*.so` lives.
+pub fn rust_sysroot_lib() -> Option<PathBuf> {
+    let out = std::process::Command::new("rustc").args(["--print", "target-libdir"]).output().ok()?;
+    out.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 /// Writes the kernelspec (atomically: a temporary directory renamed into place).

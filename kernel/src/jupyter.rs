@@ -464,7 +464,8 @@ impl Executor {
     /// Asks the frontend for a line of input on the stdin channel.
     async fn ask(&mut self, parent: &JupyterMessage, prompt: String, password: bool) -> String {
         let req = InputRequest { prompt, password }.as_child_of(parent);
-        if self.stdin.send(req).await.is_err() {
+        if let Err(e) = self.stdin.send(req).await {
+            eprintln!("tunebook-kernel: cannot send input_request: {e}");
             return String::new();
         }
         loop {

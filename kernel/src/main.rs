@@ -72,8 +72,8 @@ pub(crate) fn wait_sigint() -> bool {
 }
 
 /// Points evcxr at a locked slot. Must run before any thread is started.
-fn enter_slot() -> anyhow::Result<slot::Slot> {
-    let slot = slot::acquire()?;
+fn enter_slot(reseed: bool) -> anyhow::Result<slot::Slot> {
+    let slot = slot::acquire(reseed)?;
     let config_dir = slot.dir.join("evcxr-config");
     std::fs::create_dir_all(&config_dir)?;
     // SAFETY: called from main before any other thread exists.
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     evcxr::runtime_hook();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { connection_file } => enter_slot().and_then(|_slot| {
+        Command::Run { connection_file } => enter_slot(false).and_then(|_slot| {
             let engine = engine::Engine::start(engine::EngineConfig {
                 frontend: engine::Frontend::Jupyter,
                 library: Some(slot::library_path()),
@@ -115,11 +115,11 @@ fn main() -> ExitCode {
                 if no_prewarm {
                     return Ok(());
                 }
-                enter_slot().and_then(|_slot| install::prewarm())
+                enter_slot(true).and_then(|_slot| install::prewarm())
             })
         }
-        Command::Prewarm => enter_slot().and_then(|_slot| install::prewarm()),
-        Command::Repl => enter_slot().and_then(|_slot| repl::run()),
+        Command::Prewarm => enter_slot(true).and_then(|_slot| install::prewarm()),
+        Command::Repl => enter_slot(false).and_then(|_slot| repl::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,13 +7,14 @@
 //! held for the kernel's lifetime: a second kernel running at the same time takes
 //! the next free slot, so two kernels never compile into the same directory.
 //!
-//! Sharing with the workspace build: slot 0's `target` is a symlink to the
-//! workspace target directory that built this kernel, and the directory above the
-//! slots carries the workspace's own `.cargo/config.toml` (embedded at compile
-//! time), so evcxr's build of `tunebook` uses the exact profile, target triple and
-//! rustflags of `cargo build`: the dependency tree is compiled once and serves the
-//! tests, the CLI and the notebook. Other slots start from a hard-link copy of the
-//! shared target (cheap; cargo and rustc replace files rather than edit them).
+//! Sharing with the workspace build: a slot's `target/` starts as a hard-link
+//! copy of the workspace target directory that built this kernel (no bytes are
+//! copied), and the directory above the slots carries the workspace's own
+//! `.cargo/config.toml` (embedded at compile time), so evcxr's build of
+//! `tunebook` uses the exact profile, target triple and rustflags of
+//! `cargo build`: the dependency tree is compiled once and serves the tests, the
+//! CLI and the notebook. Having its own directory means a cell never waits on
+//! cargo's lock while a workspace build runs.
 
 use anyhow::{Context, Result, bail};
 use std::fs::{self, File, OpenOptions};
@@ -104,8 +105,10 @@ fn write_if_changed(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
-/// Takes the first free slot, preparing its directory.
-pub fn acquire() -> Result<Slot> {
+/// Takes the first free slot, preparing its directory. With `reseed`, the slot's
+/// compiled dependencies are refreshed from the shared target directory (what
+/// `install` and `prewarm` do after a new build).
+pub fn acquire(reseed: bool) -> Result<Slot> {
     let root = slots_root();
     fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     // Config for every slot: cargo reads it from a parent of evcxr's crate dir.
@@ -114,8 +117,7 @@ pub fn acquire() -> Result<Slot> {
         let Some(lock) = try_lock(&root.join(format!("slot-{index}.lock")))? else { continue };
         let dir = root.join(format!("slot-{index}"));
         fs::create_dir_all(&dir)?;
-        prepare_target(index, &dir)?;
-        seed_lockfile(&dir);
+        prepare_target(&dir, reseed)?;
         return Ok(Slot { index, dir, _lock: lock });
     }
     bail!(
@@ -125,53 +127,76 @@ pub fn acquire() -> Result<Slot> {
     )
 }
 
-/// Slot 0 links to the shared target; other slots get a hard-link copy of it.
-fn prepare_target(index: usize, dir: &Path) -> Result<()> {
+/// Gives the slot its own `target/`, seeded with hard links to the shared
+/// target's compiled dependencies: nothing is copied or recompiled, and the
+/// slot's cargo never waits on a lock held by a workspace build.
+fn prepare_target(dir: &Path, reseed: bool) -> Result<()> {
     let target = dir.join("target");
     let Some(shared) = shared_target_dir() else { return Ok(()) };
-    if index == 0 {
-        match fs::symlink_metadata(&target) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if fs::read_link(&target)? != shared {
-                    fs::remove_file(&target)?;
-                    std::os::unix::fs::symlink(&shared, &target)?;
-                }
-            }
-            Ok(_) => {} // a real directory from an earlier layout: keep using it
-            Err(_) => std::os::unix::fs::symlink(&shared, &target)
-                .with_context(|| format!("cannot link {} to {}", target.display(), shared.display()))?,
+    if let Ok(meta) = fs::symlink_metadata(&target) {
+        if !reseed && !meta.file_type().is_symlink() {
+            return Ok(());
         }
-        return Ok(());
-    }
-    if target.exists() {
-        return Ok(());
-    }
-    // Hard-link copy of what a cell build needs: host artifacts (build scripts,
-    // proc macros) and the target-triple debug tree.
-    fs::create_dir_all(target.join(TARGET_TRIPLE))?;
-    for (from, to) in [
-        (shared.join("debug"), target.join("debug")),
-        (shared.join(TARGET_TRIPLE).join("debug"), target.join(TARGET_TRIPLE).join("debug")),
-    ] {
-        if from.exists() {
-            let status = std::process::Command::new("cp").arg("-al").arg(&from).arg(&to).status();
-            if !matches!(status, Ok(s) if s.success()) {
-                eprintln!("tunebook-kernel: could not seed slot {index} from {}; it will compile from scratch", from.display());
-            }
+        let old = dir.join(format!("target.old-{}", std::process::id()));
+        if meta.file_type().is_symlink() {
+            fs::remove_file(&target)?;
+        } else {
+            fs::rename(&target, &old)?;
+            std::thread::spawn(move || {
+                let _ = fs::remove_dir_all(old);
+            });
         }
     }
+    let staging = dir.join(format!("target.new-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    // Host artifacts (build scripts, proc macros) and the target-triple build,
+    // without incremental caches (large, and only for workspace crates).
+    let parts: Vec<(PathBuf, PathBuf)> = ["build", "deps", ".fingerprint"]
+        .iter()
+        .flat_map(|sub| {
+            [
+                (shared.join("debug").join(sub), staging.join("debug").join(sub)),
+                (shared.join(TARGET_TRIPLE).join("debug").join(sub), staging.join(TARGET_TRIPLE).join("debug").join(sub)),
+            ]
+        })
+        .collect();
+    for (from, to) in parts {
+        if !from.exists() {
+            continue;
+        }
+        fs::create_dir_all(to.parent().unwrap())?;
+        let status = std::process::Command::new("cp").arg("-al").arg(&from).arg(&to).status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!(
+                "tunebook-kernel: could not link {} into the kernel cache; it will be compiled instead",
+                from.display()
+            );
+        }
+    }
+    for file in [".rustc_info.json", "CACHEDIR.TAG"] {
+        let _ = fs::copy(shared.join(file), staging.join(file));
+    }
+    fs::create_dir_all(&staging)?;
+    fs::rename(&staging, &target)?;
     Ok(())
 }
 
-/// Starts the slot's lock file from the workspace's, so evcxr resolves the same
-/// dependency versions that the workspace compiled.
-fn seed_lockfile(dir: &Path) {
+/// Copies the workspace's `Cargo.lock` into the evcxr crate directory
+/// (`$EVCXR_TMPDIR`), so evcxr resolves the same dependency versions that the
+/// workspace compiled. With `overwrite` false, an existing lock is kept.
+pub fn seed_lockfile(library: &Path, overwrite: bool) {
+    let Some(dir) = std::env::var_os("EVCXR_TMPDIR").map(PathBuf::from) else { return };
     let lock = dir.join("Cargo.lock");
-    if lock.exists() {
+    if lock.exists() && !overwrite {
         return;
     }
-    let ws_lock = library_path().join("..").join("Cargo.lock");
-    let _ = fs::copy(ws_lock, lock);
+    let ws_lock = library.join("..").join("Cargo.lock");
+    if ws_lock.exists() {
+        let tmp = dir.join(".Cargo.lock.tmp");
+        if fs::copy(&ws_lock, &tmp).is_ok() {
+            let _ = fs::rename(&tmp, &lock);
+        }
+    }
 }
 
 #[cfg(test)]

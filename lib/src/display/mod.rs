@@ -245,13 +245,38 @@ fn next_display_id() -> String {
 /// `input_request`), a prompt in a terminal. Returns the text without the newline.
 pub fn input(prompt: &str) -> String {
     if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
-        return evcxr_input::get_string(prompt);
+        return evcxr_input_line(prompt);
     }
     print!("{prompt}");
     let _ = std::io::stdout().flush();
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     line.trim_end_matches(['\n', '\r']).to_string()
+}
+
+/// evcxr's input protocol: a request line on stdout, the answer as one line on
+/// stdin. The answer is read from file descriptor 0 directly, one byte at a
+/// time: evcxr's runtime holds the lock of `std::io::stdin()` while a cell runs
+/// (so `Stdin::read_line` would deadlock), and reading unbuffered never takes
+/// bytes meant for the runtime.
+fn evcxr_input_line(prompt: &str) -> String {
+    {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let _ = writeln!(out, "EVCXR_INPUT_REQUEST:{}", prompt.replace('\n', " "));
+        let _ = out.flush();
+    }
+    let mut bytes = Vec::new();
+    loop {
+        let mut b = 0u8;
+        // SAFETY: reading one byte into a valid stack buffer.
+        let n = unsafe { libc::read(0, (&mut b as *mut u8).cast(), 1) };
+        if n <= 0 || b == b'\n' {
+            break;
+        }
+        bytes.push(b);
+    }
+    String::from_utf8_lossy(&bytes).trim_end_matches('\r').to_string()
 }
 
 /// An output area that can be replaced while a cell runs: the first
