@@ -8,6 +8,7 @@
 
 pub mod display;
 pub mod interrupt;
+pub mod tokenize;
 
 /// The library version, as logged in run tags.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
