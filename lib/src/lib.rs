@@ -6,6 +6,7 @@
 //!
 //! In the tunebook Jupyter kernel everything in [`prelude`] is already imported.
 
+pub mod data;
 pub mod display;
 pub mod interrupt;
 pub mod tokenize;
