@@ -20,7 +20,11 @@ pub mod prelude {
     pub use crate::display::{
         self, DataFrameExt, EvcxrDisplay, Html, Line, LinePlot, MimeBundle, ProgressBar, Render, Table, input, live, show,
     };
+    pub use crate::data::{
+        ChatLoss, Columns, Dataset, DeltaVersion, PackOptions, PrepareOptions, Task, ValidationReport, WriteMode,
+    };
     pub use crate::interrupt;
+    pub use crate::tokenize::{Message, Tokenizer};
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;
 }
