@@ -85,6 +85,9 @@ pub enum DataError {
     /// An option has a value that cannot work.
     #[error("{0}")]
     Option(String),
+    /// The user interrupted the work (notebook interrupt or Ctrl-C in the kernel).
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
 }
 
 impl From<PolarsError> for DataError {

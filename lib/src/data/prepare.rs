@@ -142,6 +142,9 @@ fn assistant_spans(t: &ChatTemplate, full: &str, msgs: &[Message], last_only: bo
     Ok(spans)
 }
 
+/// Rows tokenized between two interrupt checks.
+const CHUNK: usize = 4096;
+
 enum Outcome {
     Ok(TokenizedExample),
     Rejected(Problem),
@@ -236,18 +239,22 @@ impl Dataset {
             return Err(tk(TokenizeError::NoChatTemplate { source_path: tok.source().to_string() }));
         }
         let template = tok.chat_template();
-        let outcomes: Vec<Result<Outcome, DataError>> = examples
-            .par_iter()
-            .enumerate()
-            .filter_map(|(row, ex)| ex.as_ref().map(|ex| (row, ex)))
-            .map(|(row, ex)| tokenize_one(tok, template, row, ex, opts))
-            .collect();
-        let mut out = Vec::with_capacity(outcomes.len());
+        let mut out = Vec::with_capacity(examples.len());
         let mut problems = vec![];
-        for o in outcomes {
-            match o? {
-                Outcome::Ok(e) => out.push(e),
-                Outcome::Rejected(p) => problems.push(p),
+        // chunks keep the work interruptible from a notebook
+        for (c, chunk) in examples.chunks(CHUNK).enumerate() {
+            crate::interrupt::check()?;
+            let outcomes: Vec<Result<Outcome, DataError>> = chunk
+                .par_iter()
+                .enumerate()
+                .filter_map(|(i, ex)| ex.as_ref().map(|ex| (c * CHUNK + i, ex)))
+                .map(|(row, ex)| tokenize_one(tok, template, row, ex, opts))
+                .collect();
+            for o in outcomes {
+                match o? {
+                    Outcome::Ok(e) => out.push(e),
+                    Outcome::Rejected(p) => problems.push(p),
+                }
             }
         }
         let pad_id = tok.pad_id().or(tok.eos_id()).unwrap_or(0);

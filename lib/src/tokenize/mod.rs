@@ -26,6 +26,7 @@
 //! Must never: download anything, guess a pre-tokenizer it does not know, or
 //! add a BOS to text that a chat template already started with one.
 
+mod fast;
 mod gguf;
 mod template;
 
@@ -115,6 +116,10 @@ pub struct SpecialTokens {
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: Arc<tokenizers::Tokenizer>,
+    /// The direct encoder for GPT-2-style byte-level BPE, when it applies.
+    fast: Option<Arc<fast::FastBpe>>,
+    /// The post-processor adds tokens (e.g. BOS) when special tokens are requested.
+    post_adds_tokens: bool,
     special: SpecialTokens,
     template: Option<Arc<ChatTemplate>>,
     source: String,
@@ -143,6 +148,17 @@ fn config_token(v: Option<&serde_json::Value>) -> Option<String> {
         serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
         _ => None,
     }
+}
+
+/// The fast encoder and whether the post-processor adds tokens, from the
+/// `tokenizer.json` text.
+fn fast_parts(json: &str) -> (Option<Arc<fast::FastBpe>>, bool) {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else { return (None, true) };
+    let post = doc.get("post_processor").filter(|p| !p.is_null());
+    let post_adds = post.is_some_and(|p| p.get("type").and_then(|t| t.as_str()) != Some("ByteLevel"));
+    let disabled = std::env::var("TUNEBOOK_TOKENIZER").is_ok_and(|v| v == "reference");
+    let fast = if disabled { None } else { fast::FastBpe::from_tokenizer_json(&doc).map(Arc::new) };
+    (fast, post_adds)
 }
 
 /// Every added token marked special, in id order.
@@ -233,8 +249,11 @@ impl Tokenizer {
             .and_then(|v| v.as_f64())
             .filter(|v| *v > 0.0 && *v < 1e9)
             .map(|v| v as usize);
+        let (fast, post_adds_tokens) = fast_parts(&text);
         let mut tok = Tokenizer {
             inner: Arc::new(inner),
+            fast,
+            post_adds_tokens,
             special,
             template: None,
             source: path.display().to_string(),
@@ -275,8 +294,16 @@ impl Tokenizer {
             .iter()
             .find(|(k, _)| k.ends_with(".context_length"))
             .and_then(|(_, v)| v.to_u32().ok().map(|v| v as usize).or_else(|| v.to_u64().ok().map(|v| v as usize)));
-        let mut tok =
-            Tokenizer { inner: Arc::new(inner), special, template: None, source: path.display().to_string(), model_max_length };
+        let (fast, post_adds_tokens) = fast_parts(&g.json);
+        let mut tok = Tokenizer {
+            inner: Arc::new(inner),
+            fast,
+            post_adds_tokens,
+            special,
+            template: None,
+            source: path.display().to_string(),
+            model_max_length,
+        };
         if let Some(t) = g.chat_template {
             tok = tok.with_chat_template(&t)?;
         }
@@ -345,7 +372,28 @@ impl Tokenizer {
     /// post-processor runs (it adds a BOS for models that want one). Special
     /// token texts inside `text` (e.g. `<|im_end|>`) become their single ids.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizeError> {
+        if let Some(f) = self.fast_for(add_special_tokens) {
+            return Ok(f.encode(text).0);
+        }
         Ok(self.inner.encode_fast(text, add_special_tokens).map_err(tk_err)?.get_ids().to_vec())
+    }
+
+    fn fast_for(&self, add_special_tokens: bool) -> Option<&fast::FastBpe> {
+        self.fast.as_deref().filter(|_| !(add_special_tokens && self.post_adds_tokens))
+    }
+
+    /// Whether this tokenizer encodes through tunebook's direct byte-level BPE
+    /// encoder (same ids as `tokenizers`, several times faster) rather than
+    /// through `tokenizers` itself. Set `TUNEBOOK_TOKENIZER=reference` before
+    /// loading to always use `tokenizers`.
+    pub fn uses_fast_encoder(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The same tokenizer, encoding through `tokenizers` only.
+    pub fn reference_encoder(mut self) -> Self {
+        self.fast = None;
+        self
     }
 
     /// Like [`Tokenizer::encode`], plus each token's byte range in `text`
@@ -355,12 +403,19 @@ impl Tokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizeError> {
+        if let Some(f) = self.fast_for(add_special_tokens) {
+            return Ok(f.encode(text));
+        }
         let enc = self.inner.encode(text, add_special_tokens).map_err(tk_err)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Encodes many texts at once (in parallel on the CPU cores).
     pub fn encode_batch(&self, texts: &[&str], add_special_tokens: bool) -> Result<Vec<Vec<u32>>, TokenizeError> {
+        if let Some(f) = self.fast_for(add_special_tokens) {
+            use rayon::prelude::*;
+            return Ok(texts.par_iter().map(|t| f.encode(t).0).collect());
+        }
         let encs = self.inner.encode_batch_fast(texts.to_vec(), add_special_tokens).map_err(tk_err)?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }

@@ -180,3 +180,51 @@ fn smollm2_stream_decoding_holds_back_partial_characters() {
     assert!(pieces < ids.len(), "multi-byte characters span several tokens and are held back");
     assert!(tok.decode(&[u32::MAX], false).is_err() || tok.decode(&[u32::MAX], false).unwrap().is_empty());
 }
+
+/// Random text over awkward characters: the direct encoder and `tokenizers` agree on ids and offsets.
+fn fast_equals_reference(tok: &Tokenizer, extra: &[&str]) {
+    assert!(tok.uses_fast_encoder(), "{} should use the direct encoder", tok.source());
+    let reference = tok.clone().reference_encoder();
+    let pool: Vec<char> = " \t\n\r\u{a0}\u{3000}\u{200b}aZeé你ßʰ\u{301}0123456789٣²½'srvetlmd.,!?-_😀🇺\u{fe0f}\"#<|>imstrandÄ\u{4}".chars().collect();
+    let mut state = 11u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut texts: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    for _ in 0..3000 {
+        let len = (next() % 40) as usize;
+        texts.push((0..len).map(|_| pool[(next() % pool.len() as u64) as usize]).collect());
+    }
+    for t in &texts {
+        let ours = tok.encode_with_offsets(t, false).unwrap();
+        let theirs = reference.encode_with_offsets(t, false).unwrap();
+        assert_eq!(ours.0, theirs.0, "ids of {t:?}");
+        // a byte missing from the vocabulary is dropped by both; `tokenizers` then
+        // shifts the offsets after it, the direct encoder keeps true positions
+        if !t.contains('\u{4}') {
+            assert_eq!(ours.1, theirs.1, "offsets of {t:?}");
+        }
+        assert_eq!(tok.encode(t, true).unwrap(), reference.encode(t, true).unwrap(), "ids+special of {t:?}");
+    }
+}
+
+#[test]
+fn direct_encoder_matches_tokenizers_on_smollm2() {
+    let Some(path) = smollm2_gguf() else { return };
+    let tok = Tokenizer::load(&path).unwrap();
+    let r = load_json("smollm2_reference.json");
+    let texts: Vec<&str> = r["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    fast_equals_reference(&tok, &texts);
+    let long = "abcdefghij".repeat(300);
+    fast_equals_reference(&tok, &["<|im_start|>user\n12 apples<|im_end|>\n<|im_start|>assistant\n", "<|im_end|><|im_end|>x<|endoftext|>", &long]);
+}
+
+#[test]
+fn tiny_tokenizer_keeps_the_reference_encoder() {
+    // Split + ByteLevel(use_regex = false) is not the configuration the direct encoder reproduces
+    let tok = Tokenizer::load(data_dir().join("tiny_tokenizer")).unwrap();
+    assert!(!tok.uses_fast_encoder());
+}
