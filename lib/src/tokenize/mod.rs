@@ -249,8 +249,20 @@ impl Tokenizer {
             .and_then(|v| v.as_f64())
             .filter(|v| *v > 0.0 && *v < 1e9)
             .map(|v| v as usize);
-        let (fast, post_adds_tokens) = fast_parts(&text);
-        let mut tok = Tokenizer {
+        Self::assemble(&text, inner, special, template, path, model_max_length)
+    }
+
+    /// The tokenizer from its parts; `json` is the `tokenizer.json` text `inner` was parsed from.
+    fn assemble(
+        json: &str,
+        inner: tokenizers::Tokenizer,
+        special: SpecialTokens,
+        template: Option<String>,
+        path: &Path,
+        model_max_length: Option<usize>,
+    ) -> Result<Self, TokenizeError> {
+        let (fast, post_adds_tokens) = fast_parts(json);
+        let tok = Tokenizer {
             inner: Arc::new(inner),
             fast,
             post_adds_tokens,
@@ -259,10 +271,10 @@ impl Tokenizer {
             source: path.display().to_string(),
             model_max_length,
         };
-        if let Some(t) = template {
-            tok = tok.with_chat_template(&t)?;
+        match template {
+            Some(t) => tok.with_chat_template(&t),
+            None => Ok(tok),
         }
-        Ok(tok)
     }
 
     /// Rebuilds the tokenizer described by a GGUF file's metadata.
@@ -294,20 +306,7 @@ impl Tokenizer {
             .iter()
             .find(|(k, _)| k.ends_with(".context_length"))
             .and_then(|(_, v)| v.to_u32().ok().map(|v| v as usize).or_else(|| v.to_u64().ok().map(|v| v as usize)));
-        let (fast, post_adds_tokens) = fast_parts(&g.json);
-        let mut tok = Tokenizer {
-            inner: Arc::new(inner),
-            fast,
-            post_adds_tokens,
-            special,
-            template: None,
-            source: path.display().to_string(),
-            model_max_length,
-        };
-        if let Some(t) = g.chat_template {
-            tok = tok.with_chat_template(&t)?;
-        }
-        Ok(tok)
+        Self::assemble(&g.json, inner, special, g.chat_template, path, model_max_length)
     }
 
     /// Replaces the chat template (Jinja source as in tokenizer_config.json).
