@@ -1,6 +1,6 @@
 //! How datasets, reports and statistics show themselves in a notebook.
 
-use super::{Dataset, Stats, ValidationReport};
+use super::{Dataset, Packed, Stats, ValidationReport};
 use crate::display::{Render, Table, escape_html};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -302,10 +302,41 @@ impl Render for TokenHistogram {
         }
         let cx = sx(self.context_length as f64);
         let _ = write!(s, "<line x1=\"{cx:.1}\" y1=\"{pad}\" x2=\"{cx:.1}\" y2=\"{:.1}\" stroke=\"#dc2626\" stroke-dasharray=\"4 3\"/>", h - pad);
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" font-family=\"sans-serif\" fill=\"#dc2626\" text-anchor=\"end\">context length {}</text>",
+            cx - 4.0,
+            pad + 10.0,
+            self.context_length
+        );
         let _ = write!(s, "<line x1=\"{pad}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"#333\"/>", h - pad, w - pad);
         let _ = write!(s, "<text x=\"{pad}\" y=\"{:.1}\" font-size=\"11\" font-family=\"sans-serif\">0</text>", h - 10.0);
         let _ = write!(s, "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" font-family=\"sans-serif\" text-anchor=\"end\">{} tokens</text>", w - pad, h - 10.0, x_max as usize);
         s.push_str("</svg>");
         Some(s)
+    }
+}
+
+impl Packed {
+    /// The packing outcome as a table.
+    pub fn table(&self) -> Table {
+        let mode = if self.packing { "packed" } else { "one example per window (padded)" };
+        Table::new(["", "value"])
+            .title(format!("{} windows of {} tokens, {mode}", self.windows.len(), self.context_length))
+            .row(["examples".to_string(), self.examples.to_string()])
+            .row(["truncated to the window".to_string(), self.truncated.to_string()])
+            .row(["dropped as too long".to_string(), self.dropped.to_string()])
+            .row(["example tokens".to_string(), self.real_tokens.to_string()])
+            .row(["trained tokens".to_string(), self.trainable_tokens.to_string()])
+            .row(["window fill".to_string(), format!("{:.1}%", 100.0 * self.efficiency())])
+    }
+}
+
+impl Render for Packed {
+    fn text_plain(&self) -> String {
+        self.table().text_plain()
+    }
+    fn text_html(&self) -> Option<String> {
+        self.table().text_html()
     }
 }

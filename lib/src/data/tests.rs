@@ -96,6 +96,54 @@ fn delta_round_trips_instruction_and_empty_tables() {
 }
 
 #[test]
+fn delta_partition_columns_come_back() {
+    use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+    // a table partitioned by `split`: the partition value lives in the folder
+    // names and the log, not in the parquet files, so only a real Delta read keeps it
+    let dir = tempfile::tempdir().unwrap();
+    let table_path = dir.path().join("parts");
+    std::fs::create_dir_all(&table_path).unwrap();
+    let df = polars::df!("text" => ["a", "b", "c"], "split" => ["train", "eval", "train"]).unwrap();
+    let batch = arrow_bridge::df_to_batch(&df).unwrap();
+    let url = deltalake::ensure_table_uri(table_path.to_str().unwrap()).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+        let schema: deltalake::kernel::StructType = batch.schema().as_ref().try_into_kernel().unwrap();
+        let mut table = deltalake::DeltaTable::try_from_url(url)
+            .await
+            .unwrap()
+            .create()
+            .with_columns(schema.fields().cloned())
+            .with_partition_columns(["split"])
+            .await
+            .unwrap();
+        let mut w = RecordBatchWriter::for_table(&table).unwrap();
+        w.write(batch).await.unwrap();
+        w.flush_and_commit(&mut table).await.unwrap();
+    });
+    assert!(table_path.join("split=train").is_dir());
+    let ds = Dataset::from_delta(&table_path).unwrap();
+    let mut rows: Vec<(String, String)> = {
+        let text = ds.df().column("text").unwrap().as_materialized_series().clone();
+        let split = ds.df().column("split").unwrap().as_materialized_series().clone();
+        text.iter()
+            .zip(split.iter())
+            .map(|(t, s)| (validate::any_to_json(t).to_string(), validate::any_to_json(s).to_string()))
+            .collect()
+    };
+    rows.sort();
+    assert_eq!(rows, vec![
+        ("\"a\"".to_string(), "\"train\"".to_string()),
+        ("\"b\"".to_string(), "\"eval\"".to_string()),
+        ("\"c\"".to_string(), "\"train\"".to_string()),
+    ]);
+    // appending through Dataset keeps the partitioning
+    Dataset::from_polars(polars::df!("text" => ["d"], "split" => ["eval"]).unwrap()).to_delta(&table_path, WriteMode::Append).unwrap();
+    assert_eq!(Dataset::from_delta(&table_path).unwrap().len(), 4);
+    assert!(std::fs::read_dir(table_path.join("split=eval")).unwrap().count() >= 2);
+}
+
+#[test]
 fn not_a_delta_table_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let err = Dataset::from_delta(dir.path()).unwrap_err();
@@ -431,6 +479,8 @@ fn packing_keeps_examples_apart() {
     assert_eq!(rows, vec![0, 1, 2, 3, 4]);
     assert_eq!(packed.real_tokens, 3 + 4 + 5 + 8 + 8);
     assert!(packed.efficiency() > 0.0 && packed.efficiency() <= 1.0);
+    let shown = packed.text_plain();
+    assert!(shown.contains("windows of 8 tokens") && shown.contains("truncated to the window"), "{shown}");
     let dropped = pack::pack(&examples, &PackOptions::new(8).drop_overlong(true), 0);
     assert_eq!((dropped.dropped, dropped.examples), (1, 4));
 }
