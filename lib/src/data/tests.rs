@@ -287,6 +287,21 @@ fn one_malformed_input_per_rule() {
 }
 
 #[test]
+fn sliced_and_shuffled_frames_validate_the_right_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<serde_json::Value> =
+        (0..6).map(|i| if i % 3 == 2 { chat(&[("user", "no answer")]) } else { good_chat(i) }).collect();
+    let ds = Dataset::from_jsonl(write_jsonl(dir.path(), "d.jsonl", &rows)).unwrap();
+    let sliced = Dataset::from_polars(ds.df().slice(1, 5)); // rows 1..6: the bad rows 2 and 5 become 1 and 4
+    let r = sliced.validate().unwrap();
+    let bad: Vec<usize> = r.problems.iter().filter_map(|p| p.row).collect();
+    assert_eq!(bad.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>(), vec![1, 4]);
+    assert_eq!(contents(&sliced)[0], "question 1?|answer 1.");
+    let shuffled = ds.shuffle(5);
+    assert_eq!(shuffled.validate().unwrap().invalid_rows(), 2);
+}
+
+#[test]
 fn instruction_and_text_rules() {
     let df = polars::df!("prompt" => [Some("p"), Some(""), None], "response" => [Some("r"), Some("r"), Some("r")]).unwrap();
     let r = Dataset::from_polars(df).validate().unwrap();

@@ -212,7 +212,49 @@ pub(crate) fn any_to_json(v: AnyValue<'_>) -> J {
 
 fn column_json(df: &DataFrame, name: &str) -> Option<Vec<J>> {
     let s = df.column(name).ok()?.as_materialized_series().rechunk();
+    if let Some(rows) = list_of_structs_json(&s) {
+        return Some(rows);
+    }
     Some(s.iter().map(any_to_json).collect())
+}
+
+/// A `List(Struct)` column (chat messages as read from JSONL, Parquet or
+/// Delta) as JSON, reading the flat struct fields once instead of building a
+/// nested value per row. `None` for any other shape (the caller then takes the
+/// general path).
+fn list_of_structs_json(s: &Series) -> Option<Vec<J>> {
+    let ca = s.list().ok()?;
+    if !matches!(ca.inner_dtype(), DataType::Struct(_)) || ca.chunks().len() != 1 {
+        return None;
+    }
+    let arr = ca.downcast_as_array();
+    let inner = ca.get_inner();
+    if inner.null_count() > 0 {
+        return None;
+    }
+    let fields = inner.struct_().ok()?.fields_as_series();
+    let mut columns: Vec<(String, Vec<J>)> =
+        fields.iter().map(|f| (f.name().to_string(), f.rechunk().iter().map(any_to_json).collect())).collect();
+    let offsets = arr.offsets().as_slice();
+    let validity = arr.validity();
+    let mut rows = Vec::with_capacity(arr.len());
+    for r in 0..arr.len() {
+        if validity.is_some_and(|v| !v.get_bit(r)) {
+            rows.push(J::Null);
+            continue;
+        }
+        let (a, b) = (usize::try_from(offsets[r]).ok()?, usize::try_from(offsets[r + 1]).ok()?);
+        let mut items = Vec::with_capacity(b.saturating_sub(a));
+        for k in a..b {
+            let mut obj = serde_json::Map::with_capacity(columns.len());
+            for (name, values) in columns.iter_mut() {
+                obj.insert(name.clone(), std::mem::take(values.get_mut(k)?));
+            }
+            items.push(J::Object(obj));
+        }
+        rows.push(J::Array(items));
+    }
+    Some(rows)
 }
 
 fn kind(v: &J) -> &'static str {
