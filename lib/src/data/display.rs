@@ -79,7 +79,7 @@ impl Dataset {
                 let json = super::validate::any_to_json(v);
                 let cell = if chat_col.as_deref() == Some(name.as_str()) {
                     let mut sink = vec![];
-                    match super::validate::check_chat(r, name, &json, &mut sink) {
+                    match super::validate::check_chat(r, name, json.clone(), &mut sink) {
                         Some(msgs) => Cell::Chat(msgs.into_iter().map(|m| (m.role, m.content)).collect()),
                         None => match &json {
                             Value::Array(items) => Cell::Chat(

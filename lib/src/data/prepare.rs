@@ -110,9 +110,10 @@ fn assistant_spans(t: &ChatTemplate, full: &str, msgs: &[Message], last_only: bo
     let targets: Vec<usize> = msgs.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
     let targets = if last_only { targets.last().copied().into_iter().collect() } else { targets };
     let mut search_from = 0;
+    let values = ChatTemplate::values(msgs);
     for i in targets {
-        let prompt = t.render(&msgs[..i], true)?;
-        let upto = t.render(&msgs[..=i], false)?;
+        let prompt = t.render_values(&values[..i], true)?;
+        let upto = if i + 1 == msgs.len() { full.to_string() } else { t.render_values(&values[..=i], false)? };
         let (start, mut end) = if full.starts_with(upto.as_str()) {
             // Where the turn with the answer departs from the generation prompt
             // (some templates end the prompt with whitespace the turn does not have).

@@ -307,15 +307,11 @@ fn text_field(row: usize, field: &str, v: &J, problems: &mut Vec<Problem>) -> Op
 const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 /// Checks one conversation; returns its messages when it is valid.
-pub(crate) fn check_chat(row: usize, col: &str, value: &J, problems: &mut Vec<Problem>) -> Option<Vec<Message>> {
+pub(crate) fn check_chat(row: usize, col: &str, value: J, problems: &mut Vec<Problem>) -> Option<Vec<Message>> {
     let before = problems.len();
-    let parsed;
     let value = match value {
-        J::String(s) => match serde_json::from_str::<J>(s) {
-            Ok(v) => {
-                parsed = v;
-                &parsed
-            }
+        J::String(s) => match serde_json::from_str::<J>(&s) {
+            Ok(v) => v,
             Err(e) => {
                 problems.push(Problem::new(
                     Some(row),
@@ -329,7 +325,7 @@ pub(crate) fn check_chat(row: usize, col: &str, value: &J, problems: &mut Vec<Pr
         },
         v => v,
     };
-    let items = match value {
+    let mut items = match value {
         J::Array(items) => items,
         J::Null => {
             problems.push(Problem::new(Some(row), col, Rule::NullMessages, format!("`{col}` is null"), "give the conversation, or drop the row"));
@@ -340,7 +336,7 @@ pub(crate) fn check_chat(row: usize, col: &str, value: &J, problems: &mut Vec<Pr
                 Some(row),
                 col,
                 Rule::WrongType,
-                format!("`{col}` must be a list of messages, found {}", kind(other)),
+                format!("`{col}` must be a list of messages, found {}", kind(&other)),
                 "store a list of {\"role\", \"content\"} objects",
             ));
             return None;
@@ -357,7 +353,7 @@ pub(crate) fn check_chat(row: usize, col: &str, value: &J, problems: &mut Vec<Pr
     }
     let mut out = Vec::with_capacity(items.len());
     let mut prev_role: Option<String> = None;
-    for (i, m) in items.iter().enumerate() {
+    for (i, m) in items.iter_mut().enumerate() {
         let field = format!("{col}[{i}]");
         let J::Object(obj) = m else {
             problems.push(Problem::new(
@@ -372,7 +368,7 @@ pub(crate) fn check_chat(row: usize, col: &str, value: &J, problems: &mut Vec<Pr
         };
         // Columns read from JSONL/Parquet carry every key any row has, null elsewhere:
         // a key whose value is null is treated as absent.
-        for (k, v) in obj {
+        for (k, v) in obj.iter() {
             if k != "role" && k != "content" && !v.is_null() {
                 problems.push(Problem::new(
                     Some(row),
@@ -436,7 +432,7 @@ pub(crate) fn check_chat(row: usize, col: &str, value: &J, problems: &mut Vec<Pr
                 "merge the two messages, or add the missing turn between them",
             ));
         }
-        let content = match obj.get("content") {
+        let content = match obj.get_mut("content") {
             None | Some(J::Null) => {
                 problems.push(Problem::new(
                     Some(row),
@@ -457,7 +453,7 @@ pub(crate) fn check_chat(row: usize, col: &str, value: &J, problems: &mut Vec<Pr
                 ));
                 None
             }
-            Some(J::String(c)) => Some(c.clone()),
+            Some(J::String(c)) => Some(std::mem::take(c)),
             Some(other) => {
                 problems.push(Problem::new(
                     Some(row),
@@ -530,7 +526,7 @@ impl Dataset {
                     report.problems.push(missing_column(&c.messages, task, &self.df, "messages"));
                     return Ok((vec![None; rows], report));
                 };
-                for (row, v) in values.iter().enumerate() {
+                for (row, v) in values.into_iter().enumerate() {
                     examples.push(check_chat(row, &c.messages, v, &mut problems).map(Example::Chat));
                 }
             }

@@ -109,7 +109,18 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends with the
     /// header that starts an assistant turn.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
-        self.render_value(Value::from(Serde(messages)), add_generation_prompt, None)
+        self.render_values(&Self::values(messages), add_generation_prompt)
+    }
+
+    /// Messages as template values, converted once so that several prefixes
+    /// of one conversation render without copying the texts again.
+    pub(crate) fn values(messages: &[Message]) -> Vec<Value> {
+        messages.iter().map(|m| Value::from(Serde(m))).collect()
+    }
+
+    /// Renders messages already converted with [`ChatTemplate::values`].
+    pub(crate) fn render_values(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_value(Value::from(messages.to_vec()), add_generation_prompt, None)
     }
 
     /// Renders any JSON conversation (messages may carry more keys than `role`
