@@ -170,6 +170,12 @@ fn byte_chars() -> [char; 256] {
     map
 }
 
+/// GPT-2's byte alphabet, for tests that build vocabularies.
+#[cfg(test)]
+pub(crate) fn byte_chars_for_tests() -> [char; 256] {
+    byte_chars()
+}
+
 /// The fast encoder; `None` from [`FastBpe::from_tokenizer_json`] when the
 /// configuration is not one it reproduces exactly.
 pub(crate) struct FastBpe {

@@ -21,10 +21,14 @@ const USER_DEFINED: i32 = 4;
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Pre-tokenizer names llama.cpp treats as Llama 3's (its split, and whole
+/// pre-tokens looked up before merging).
+const LLAMA3_IGNORE_MERGES: &[&str] = &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"];
+
 /// GGUF pre-tokenizer names this module knows, for error messages.
 pub const KNOWN_PRE_TOKENIZERS: &[&str] = &[
-    "default", "gpt-2", "gpt2", "smollm", "starcoder", "refact", "llama3", "llama-v3", "llama-bpe", "smaug-bpe",
-    "falcon3", "dbrx", "qwen2", "deepseek-r1-qwen",
+    "default", "gpt-2", "gpt2", "smollm", "starcoder", "refact", "llama3", "llama-v3", "llama-bpe", "falcon3",
+    "falcon-h1", "pixtral", "midm-2.0", "lfm2", "smaug-bpe", "dbrx", "qwen2", "deepseek-r1-qwen",
 ];
 
 fn byte_level(use_regex: bool) -> Json {
@@ -46,7 +50,7 @@ pub(crate) fn pre_tokenizer_for(pre: &str) -> Option<Json> {
             {"type": "Digits", "individual_digits": true},
             byte_level(true),
         ]}),
-        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "falcon3" | "dbrx" => split_then_byte_level(LLAMA3_SPLIT),
+        p if LLAMA3_IGNORE_MERGES.contains(&p) || p == "smaug-bpe" || p == "dbrx" => split_then_byte_level(LLAMA3_SPLIT),
         "qwen2" | "deepseek-r1-qwen" => split_then_byte_level(QWEN2_SPLIT),
         _ => return None,
     })
@@ -140,6 +144,9 @@ pub(crate) fn build(content: &Content, path: &Path) -> Result<GgufTokenizer, Tok
             "special_tokens": {tok.as_str(): {"id": tok, "ids": [id], "tokens": [tok]}}}),
         _ => Json::Null,
     };
+    // Llama 3's own tokenizer.json looks a whole pre-token up before merging
+    // (`ignore_merges`), and so does llama.cpp for these pre-tokenizers.
+    let ignore_merges = LLAMA3_IGNORE_MERGES.contains(&pre_name.as_str());
     let doc = json!({
         "version": "1.0",
         "truncation": null,
@@ -150,9 +157,94 @@ pub(crate) fn build(content: &Content, path: &Path) -> Result<GgufTokenizer, Tok
         "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
             "vocab": vocab, "merges": merges},
     });
     let chat_template = get(content, "tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
     Ok(GgufTokenizer { json: doc.to_string(), bos, eos, pad, unk, chat_template, tokens })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenize::Tokenizer;
+    use candle_core::quantized::gguf_file::VersionedMagic;
+    use std::collections::HashMap;
+
+    /// GGUF metadata for a toy byte-level BPE: the 256 byte characters, a few
+    /// merges, and `<s>` / `</s>` control tokens.
+    fn content(model: &str, pre: Option<&str>, add_bos: bool) -> Content {
+        let chars = crate::tokenize::fast::byte_chars_for_tests();
+        let mut tokens: Vec<String> = vec!["<s>".into(), "</s>".into()];
+        tokens.extend(chars.iter().map(|c| c.to_string()));
+        for t in ["ab", "Ġa", "Ġab", "12"] {
+            tokens.push(t.into());
+        }
+        let merges = ["Ġ a", "a b", "Ġa b", "1 2"];
+        let mut types = vec![3i32, 3];
+        types.extend(std::iter::repeat_n(1, tokens.len() - 2));
+        let mut md: HashMap<String, Value> = HashMap::new();
+        md.insert("tokenizer.ggml.model".into(), Value::String(model.into()));
+        if let Some(p) = pre {
+            md.insert("tokenizer.ggml.pre".into(), Value::String(p.into()));
+        }
+        md.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect()));
+        md.insert("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect()));
+        md.insert("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect()));
+        md.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(0));
+        md.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(1));
+        md.insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos));
+        md.insert("toy.context_length".into(), Value::U32(128));
+        md.insert("tokenizer.chat_template".into(), Value::String("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}".into()));
+        Content { magic: VersionedMagic::GgufV3, metadata: md, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
+    }
+
+    fn id(tok: &Tokenizer, t: &str) -> u32 {
+        tok.token_to_id(t).unwrap()
+    }
+
+    #[test]
+    fn gpt2_and_smollm_pre_tokenizers() {
+        let tok = Tokenizer::from_gguf_content(&content("gpt2", None, false), "toy.gguf").unwrap();
+        assert!(tok.uses_fast_encoder());
+        assert_eq!(tok.model_max_length(), Some(128));
+        assert_eq!(tok.encode("ab ab", false).unwrap(), vec![id(&tok, "ab"), id(&tok, "Ġab")]);
+        // plain GPT-2 keeps "12" together, smollm splits every digit
+        assert_eq!(tok.encode("12", false).unwrap(), vec![id(&tok, "12")]);
+        let smol = Tokenizer::from_gguf_content(&content("gpt2", Some("smollm"), false), "toy.gguf").unwrap();
+        assert_eq!(smol.encode("12", false).unwrap(), vec![id(&smol, "1"), id(&smol, "2")]);
+        assert_eq!(smol.encode("<s>ab</s>", false).unwrap(), vec![0, id(&smol, "ab"), 1]);
+        for t in [&tok, &smol] {
+            let reference = t.clone().reference_encoder();
+            for text in ["ab ab", "12 ab1", " a  b\n", "x<s>12</s>"] {
+                assert_eq!(t.encode(text, false).unwrap(), reference.encode(text, false).unwrap(), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn llama3_split_bos_and_template() {
+        let tok = Tokenizer::from_gguf_content(&content("gpt2", Some("llama-bpe"), true), "toy.gguf").unwrap();
+        assert!(!tok.uses_fast_encoder(), "Split + ByteLevel goes through tokenizers");
+        assert_eq!(tok.encode("ab", true).unwrap(), vec![0, id(&tok, "ab")], "add_bos_token adds BOS");
+        assert_eq!(tok.encode("ab", false).unwrap(), vec![id(&tok, "ab")]);
+        // the template writes BOS: encode_chat must not add another
+        let ids = tok.encode_chat(&[crate::tokenize::Message::user("ab")], false).unwrap();
+        assert_eq!(ids, vec![0, id(&tok, "ab"), 1]);
+    }
+
+    #[test]
+    fn unsupported_metadata_says_what_to_do() {
+        let err = Tokenizer::from_gguf_content(&content("gpt2", Some("mystery"), false), "toy.gguf").unwrap_err().to_string();
+        assert!(err.contains("mystery") && err.contains("smollm") && err.contains("tokenizer.json"), "{err}");
+        let err = Tokenizer::from_gguf_content(&content("llama", None, false), "toy.gguf").unwrap_err().to_string();
+        assert!(err.contains("llama") && err.contains("tokenizer.json"), "{err}");
+        let mut c = content("gpt2", None, false);
+        c.metadata.remove("tokenizer.ggml.merges");
+        let err = Tokenizer::from_gguf_content(&c, "toy.gguf").unwrap_err().to_string();
+        assert!(err.contains("tokenizer.ggml.merges") && err.contains("missing"), "{err}");
+        let mut c = content("gpt2", None, false);
+        c.metadata.clear();
+        assert!(Tokenizer::from_gguf_content(&c, "toy.gguf").is_err());
+    }
 }
