@@ -105,7 +105,13 @@ fn tk(e: TokenizeError) -> DataError {
 /// prefix of the conversation: the turn is what `messages[..=i]` adds to
 /// `messages[..i]` with the generation prompt. Works with any template that
 /// renders a conversation as the concatenation of its turns.
-fn assistant_spans(t: &ChatTemplate, full: &str, msgs: &[Message], last_only: bool) -> Result<Vec<(usize, usize)>, TemplateError> {
+fn assistant_spans(
+    t: &ChatTemplate,
+    full: &str,
+    msgs: &[Message],
+    last_only: bool,
+    eos: Option<&str>,
+) -> Result<Vec<(usize, usize)>, TemplateError> {
     let mut spans = vec![];
     let targets: Vec<usize> = msgs.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
     let targets = if last_only { targets.last().copied().into_iter().collect() } else { targets };
@@ -114,20 +120,24 @@ fn assistant_spans(t: &ChatTemplate, full: &str, msgs: &[Message], last_only: bo
     for i in targets {
         let prompt = t.render_values(&values[..i], true)?;
         let upto = if i + 1 == msgs.len() { full.to_string() } else { t.render_values(&values[..=i], false)? };
-        let (start, mut end) = if full.starts_with(upto.as_str()) {
-            // Where the turn with the answer departs from the generation prompt
-            // (some templates end the prompt with whitespace the turn does not have).
-            let common = prompt.bytes().zip(upto.bytes()).take_while(|(a, b)| a == b).count();
-            let mut start = common;
-            while !upto.is_char_boundary(start) {
-                start -= 1;
-            }
-            (start, upto.len())
+        // Where the turn with the answer departs from the generation prompt
+        // (some templates end the prompt with whitespace the turn does not have).
+        let mut common = prompt.bytes().zip(upto.bytes()).take_while(|(a, b)| a == b).count();
+        while !(upto.is_char_boundary(common) && prompt.is_char_boundary(common)) {
+            common -= 1;
+        }
+        let (start, mut end) = if full.starts_with(upto.as_str()) && prompt[common..].trim().is_empty() {
+            (common, upto.len())
         } else {
             // The template is not prefix-stable (e.g. it changes earlier turns
             // depending on later ones): fall back to the content's position.
+            // The end-of-turn token right after the content is trained on too.
             match full[search_from..].find(msgs[i].content.as_str()) {
-                Some(p) => (search_from + p, search_from + p + msgs[i].content.len()),
+                Some(p) => {
+                    let end = search_from + p + msgs[i].content.len();
+                    let eos_len = eos.filter(|e| !e.is_empty() && full[end..].starts_with(*e)).map_or(0, str::len);
+                    (search_from + p, end + eos_len)
+                }
                 None => continue,
             }
         };
@@ -179,7 +189,9 @@ fn tokenize_one(
             let mask = if opts.chat_loss == ChatLoss::AllTokens {
                 vec![1u8; ids.len()]
             } else {
-                let spans = assistant_spans(t, &full, msgs, opts.chat_loss == ChatLoss::LastAssistant).map_err(|e| tk(e.into()))?;
+                let eos_text = tok.special_tokens().eos.as_ref().map(|e| e.content.as_str());
+                let spans = assistant_spans(t, &full, msgs, opts.chat_loss == ChatLoss::LastAssistant, eos_text)
+                    .map_err(|e| tk(e.into()))?;
                 offsets
                     .iter()
                     .map(|&(s, e)| u8::from(e > s && spans.iter().any(|&(a, b)| s >= a && s < b)))

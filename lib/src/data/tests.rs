@@ -407,6 +407,17 @@ fn chat_loss_masks_cover_assistant_turns_only() {
 }
 
 #[test]
+fn chat_masks_with_a_template_that_rewrites_earlier_turns() {
+    // the last turn renders differently from the same turn in a prefix, so the
+    // prefix method cannot apply: the answer is found by its text, with its EOS
+    let tok = tiny_tokenizer()
+        .with_chat_template("{% for m in messages %}{% if loop.last %}[final] {% endif %}{{ m.role }}: {{ m.content }}<|eot_id|>{% endfor %}")
+        .unwrap();
+    let t = multi_turn().tokenize(&tok, &PrepareOptions::default()).unwrap();
+    assert_eq!(masked_text(&tok, &t.examples[0]), "Hello there.<|eot_id|>Seven.<|eot_id|>");
+}
+
+#[test]
 fn smollm2_chat_mask_trains_on_answers_and_im_end() {
     let Some(gguf) = crate::tokenize::tests::smollm2_gguf() else { return };
     let tok = Tokenizer::load(gguf).unwrap();
