@@ -424,6 +424,13 @@ fn smollm2_chat_mask_trains_on_answers_and_im_end() {
     let t = multi_turn().tokenize(&tok, &PrepareOptions::default()).unwrap();
     assert_eq!(masked_text(&tok, &t.examples[0]), "Hello there.<|im_end|>Seven.<|im_end|>");
     assert_eq!(t.examples[0].input_ids[0], 1, "starts with <|im_start|>, once");
+    // without a system message the template adds SmolLM's default one; still only answers are trained
+    let ds = Dataset::from_polars(polars::df!("messages" => [json!([
+        {"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}
+    ]).to_string()]).unwrap());
+    let t = ds.tokenize(&tok, &PrepareOptions::default()).unwrap();
+    assert_eq!(masked_text(&tok, &t.examples[0]), "42<|im_end|>");
+    assert!(tok.decode(&t.examples[0].input_ids, false).unwrap().contains("named SmolLM"));
 }
 
 #[test]
