@@ -109,6 +109,14 @@ fn tokenizer_without_template_says_how_to_fix() {
     assert!(err.to_string().contains("with_chat_template"), "{err}");
     let tok = tok.with_chat_template("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}").unwrap();
     assert_eq!(tok.apply_chat_template(&[Message::user("hi")], false).unwrap(), "[user] hi\n");
+    // newer model folders keep the template in chat_template.jinja
+    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}").unwrap();
+    let tok = Tokenizer::load(dir.path()).unwrap();
+    assert_eq!(tok.apply_chat_template(&[Message::user("hi")], false).unwrap(), "<user>hi");
+    // a template that does not compile is an error at load time, naming the fix
+    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}").unwrap();
+    let err = Tokenizer::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("does not compile") && err.contains("chat_template"), "{err}");
 }
 
 #[test]
