@@ -394,12 +394,10 @@ impl Stats {
                 "{} examples exceed the context length {context_length}: truncation drops {dropped} tokens, {dropped_train} of them trained on; shorten them or raise context_length",
                 over_length.len()
             ));
-            let emptied = over_length
+            let emptied = t
+                .examples
                 .iter()
-                .filter(|o| {
-                    let e = t.examples.iter().find(|e| e.row == o.row);
-                    e.is_some_and(|e| e.trainable() > 0 && o.dropped_trainable == e.trainable())
-                })
+                .filter(|e| e.len() > context_length && e.trainable() > 0 && e.loss_mask[..context_length].iter().all(|&m| m == 0))
                 .count();
             if emptied > 0 {
                 warnings.push(format!(
