@@ -308,9 +308,15 @@ impl Dataset {
         let df = self.df.take(&ca).unwrap_or_else(|_| self.df.clear());
         let mut load_problems = vec![];
         if !self.load_problems.is_empty() {
+            let mut by_row: std::collections::HashMap<usize, Vec<&validate::Problem>> = std::collections::HashMap::new();
+            for p in &self.load_problems {
+                if let Some(r) = p.row {
+                    by_row.entry(r).or_default().push(p);
+                }
+            }
             for (new_row, &old_row) in idx.iter().enumerate() {
-                for p in self.load_problems.iter().filter(|p| p.row == Some(old_row as usize)) {
-                    load_problems.push(validate::Problem { row: Some(new_row), ..p.clone() });
+                for p in by_row.get(&(old_row as usize)).into_iter().flatten() {
+                    load_problems.push(validate::Problem { row: Some(new_row), ..(*p).clone() });
                 }
             }
         }

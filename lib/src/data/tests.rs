@@ -299,6 +299,19 @@ fn sliced_and_shuffled_frames_validate_the_right_rows() {
     assert_eq!(contents(&sliced)[0], "question 1?|answer 1.");
     let shuffled = ds.shuffle(5);
     assert_eq!(shuffled.validate().unwrap().invalid_rows(), 2);
+    // type problems only visible while reading JSONL follow their rows through a shuffle
+    let mixed = Dataset::from_jsonl(write_jsonl(dir.path(), "m.jsonl", &[good_chat(0), json!({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": 7}]}), good_chat(2)])).unwrap();
+    let r = mixed.validate().unwrap();
+    assert_eq!((r.count(Rule::WrongType), r.problems[0].row), (1, Some(1)));
+    for seed in 0..5 {
+        let s = mixed.shuffle(seed);
+        let r = s.validate().unwrap();
+        let row = r.problems[0].row.unwrap();
+        let messages = s.df().column("messages").unwrap().as_materialized_series().get(row).unwrap();
+        let messages = validate::any_to_json(messages);
+        assert_eq!(messages[1]["content"], "7", "seed {seed}: the problem stays on the row holding the number");
+    }
 }
 
 #[test]

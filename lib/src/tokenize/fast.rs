@@ -304,26 +304,62 @@ impl FastBpe {
                 return vec![(*id, 0, w.len() as u32)];
             }
         }
-        let mut syms: Vec<(u32, u32, u32)> = w
+        // symbols as a linked list; merges lowest rank first, leftmost on ties
+        // (the order of `tokenizers`' Word::merge_all), O(n log n) for long words
+        struct Sym {
+            id: u32,
+            start: u32,
+            end: u32,
+            prev: usize,
+            next: usize,
+            alive: bool,
+        }
+        const NONE: usize = usize::MAX;
+        let mut syms: Vec<Sym> = w
             .bytes()
             .enumerate()
-            .filter_map(|(i, b)| self.byte_ids[b as usize].map(|id| (id, i as u32, i as u32 + 1)))
+            .filter_map(|(i, b)| self.byte_ids[b as usize].map(|id| (id, i as u32)))
+            .map(|(id, i)| Sym { id, start: i, end: i + 1, prev: NONE, next: NONE, alive: true })
             .collect();
-        // lowest rank first, leftmost on ties, as `tokenizers`' Word::merge_all
-        loop {
-            let mut best: Option<(u32, usize, u32)> = None;
-            for i in 0..syms.len().saturating_sub(1) {
-                if let Some(&(rank, new_id)) = self.merges.get(&(syms[i].0, syms[i + 1].0))
-                    && best.is_none_or(|(r, _, _)| rank < r)
-                {
-                    best = Some((rank, i, new_id));
+        let n = syms.len();
+        for i in 0..n {
+            syms[i].prev = if i == 0 { NONE } else { i - 1 };
+            syms[i].next = if i + 1 == n { NONE } else { i + 1 };
+        }
+        let mut heap = std::collections::BinaryHeap::new();
+        for i in 0..n.saturating_sub(1) {
+            if let Some(&(rank, new_id)) = self.merges.get(&(syms[i].id, syms[i + 1].id)) {
+                heap.push(std::cmp::Reverse((rank, i, new_id)));
+            }
+        }
+        while let Some(std::cmp::Reverse((rank, pos, new_id))) = heap.pop() {
+            let next = syms[pos].next;
+            if !syms[pos].alive || next == NONE {
+                continue;
+            }
+            // skip entries made stale by earlier merges
+            if self.merges.get(&(syms[pos].id, syms[next].id)) != Some(&(rank, new_id)) {
+                continue;
+            }
+            syms[pos].id = new_id;
+            syms[pos].end = syms[next].end;
+            syms[next].alive = false;
+            let after = syms[next].next;
+            syms[pos].next = after;
+            if after != NONE {
+                syms[after].prev = pos;
+                if let Some(&(r, id)) = self.merges.get(&(new_id, syms[after].id)) {
+                    heap.push(std::cmp::Reverse((r, pos, id)));
                 }
             }
-            let Some((_, i, new_id)) = best else { break };
-            syms[i] = (new_id, syms[i].1, syms[i + 1].2);
-            syms.remove(i + 1);
+            let before = syms[pos].prev;
+            if before != NONE
+                && let Some(&(r, id)) = self.merges.get(&(syms[before].id, new_id))
+            {
+                heap.push(std::cmp::Reverse((r, before, id)));
+            }
         }
-        syms
+        syms.into_iter().filter(|s| s.alive).map(|s| (s.id, s.start, s.end)).collect()
     }
 
     /// Encodes a piece free of added tokens starting at `base` in the text.
