@@ -164,6 +164,8 @@ impl Dataset {
         let mut kinds = KindTracker::default();
         for file in files_with(path, &["jsonl", "json"])? {
             let bytes = std::fs::read(&file).map_err(|e| io_err(&file, e))?;
+            // editors on Windows start files with a byte order mark
+            let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
             let mut clean = Vec::with_capacity(bytes.len());
             for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
                 let trimmed = line.trim_ascii();

@@ -162,6 +162,8 @@ fn jsonl_errors_name_file_and_line() {
         }
         other => panic!("expected a parse error, got {other:?}"),
     }
+    std::fs::write(&p, format!("\u{feff}{}\r\n{}\r\n", good_chat(0), good_chat(1))).unwrap();
+    assert_eq!(Dataset::from_jsonl(&p).unwrap().len(), 2, "a byte order mark and CRLF line ends are fine");
     std::fs::write(&p, "[1, 2]\n").unwrap();
     let err = Dataset::from_jsonl(&p).unwrap_err().to_string();
     assert!(err.contains("line 1") && err.contains("found an array"), "{err}");
