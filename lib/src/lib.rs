@@ -6,8 +6,10 @@
 //!
 //! In the tunebook Jupyter kernel everything in [`prelude`] is already imported.
 
+pub mod data;
 pub mod display;
 pub mod interrupt;
+pub mod tokenize;
 
 /// The library version, as logged in run tags.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -18,7 +20,11 @@ pub mod prelude {
     pub use crate::display::{
         self, DataFrameExt, EvcxrDisplay, Html, Line, LinePlot, MimeBundle, ProgressBar, Render, Table, input, live, show,
     };
+    pub use crate::data::{
+        ChatLoss, Columns, Dataset, DeltaVersion, PackOptions, PrepareOptions, Task, ValidationReport, WriteMode,
+    };
     pub use crate::interrupt;
+    pub use crate::tokenize::{Message, Tokenizer};
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;
 }

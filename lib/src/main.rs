@@ -1,6 +1,7 @@
 //! The `tunebook` command line.
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "tunebook", version, about = "Fine-tune LLMs from a notebook, a REPL or this CLI")]
@@ -13,15 +14,115 @@ struct Cli {
 enum Command {
     /// Show the version and the compute devices this build can use.
     Info,
+    /// Check, measure and prepare training data.
+    #[command(subcommand)]
+    Data(DataCommand),
 }
 
-fn main() -> std::process::ExitCode {
+/// Where the data is and how to read it.
+#[derive(Args)]
+struct Source {
+    /// A Delta table folder (append @vN for a version), a .jsonl/.parquet/.csv file or folder, or a folder of .txt files.
+    source: String,
+    /// chat, instruction or text (detected from the columns when absent).
+    #[arg(long)]
+    task: Option<String>,
+    /// Column holding chat messages.
+    #[arg(long)]
+    messages: Option<String>,
+    /// Column holding instruction prompts.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Column holding instruction responses.
+    #[arg(long)]
+    response: Option<String>,
+    /// Column holding raw text.
+    #[arg(long)]
+    text: Option<String>,
+}
+
+impl Source {
+    fn args(&self) -> tunebook::data::cli::SourceArgs {
+        tunebook::data::cli::SourceArgs {
+            task: self.task.clone(),
+            messages: self.messages.clone(),
+            prompt: self.prompt.clone(),
+            response: self.response.clone(),
+            text: self.text.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Validate data against the product's rules; exits non-zero when any row is invalid.
+    Validate(Source),
+    /// Token statistics for a model: p50/p95/max, totals, over-long examples, warnings.
+    Stats {
+        #[command(flatten)]
+        source: Source,
+        /// A model folder, tokenizer.json or .gguf file.
+        #[arg(long)]
+        model: String,
+        /// Context length (default: the model's).
+        #[arg(long)]
+        context_length: Option<usize>,
+    },
+    /// Read, validate, template, tokenize and pack; prints timings (used by bench/).
+    Prepare {
+        #[command(flatten)]
+        source: Source,
+        /// A model folder, tokenizer.json or .gguf file.
+        #[arg(long)]
+        model: String,
+        /// Tokens per packed window.
+        #[arg(long, default_value_t = 2048)]
+        context_length: usize,
+        /// Shuffle seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Info => {
             use tunebook::display::Render;
             println!("{}", tunebook::info().text_plain());
         }
+        Command::Data(DataCommand::Validate(src)) => match tunebook::data::cli::validate(&src.source, &src.args()) {
+            Ok(true) => {}
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => return fail(e),
+        },
+        Command::Data(DataCommand::Stats { source, model, context_length }) => {
+            if let Err(e) = tunebook::data::cli::stats(&source.source, &source.args(), &model, context_length) {
+                return fail(e);
+            }
+        }
+        Command::Data(DataCommand::Prepare { source, model, context_length, seed }) => {
+            match tunebook::data::cli::prepare(&source.source, &source.args(), &model, context_length, seed) {
+                Ok(r) => println!(
+                    "rows={} windows={} tokens={} read_s={:.3} validate_s={:.3} tokenize_s={:.3} pack_s={:.3} total_s={:.3} rows_per_s={:.0}",
+                    r.rows,
+                    r.windows,
+                    r.tokens,
+                    r.read_s,
+                    r.validate_s,
+                    r.tokenize_s,
+                    r.pack_s,
+                    r.total_s(),
+                    r.rows as f64 / r.total_s().max(1e-9)
+                ),
+                Err(e) => return fail(e),
+            }
+        }
     }
-    std::process::ExitCode::SUCCESS
+    ExitCode::SUCCESS
 }

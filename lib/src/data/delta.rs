@@ -1,0 +1,239 @@
+//! Delta Lake tables: read (latest, at a version, at a timestamp) through the
+//! Delta kernel, write (create, append, overwrite) with deltalake's writer.
+//!
+//! Reading goes through the kernel's scan, which applies partition values,
+//! deletion vectors and column mapping; record batches cross into polars over
+//! the Arrow C Data Interface. Overwrite is one transaction that removes every
+//! live file and adds the new ones, so it needs no query engine (deltalake's
+//! `datafusion` feature) and readers see either the old or the new table.
+
+use super::{DataError, arrow_bridge};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::engine::arrow_data::ArrowEngineData;
+use deltalake::kernel::transaction::CommitBuilder;
+use deltalake::kernel::{Action, StructType};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::{DeltaTable, DeltaTableError};
+use polars::prelude::*;
+use std::path::Path;
+
+/// Which version of a Delta table to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeltaVersion {
+    /// The newest version.
+    Latest,
+    /// A version number (time travel).
+    Version(u64),
+    /// The version current at an RFC 3339 timestamp, e.g. `2025-01-31T12:00:00Z`.
+    Timestamp(String),
+}
+
+/// How [`super::Dataset::to_delta`] treats an existing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Create a new table; fail if one exists.
+    Create,
+    /// Append rows (create the table if there is none).
+    Append,
+    /// Replace every row in one transaction (create the table if there is none).
+    Overwrite,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, DataError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DataError::Delta { path: String::new(), message: format!("cannot start an async runtime: {e}") })
+}
+
+/// Runs `fut` to completion, also from inside an existing tokio runtime.
+fn block_on<T: Send>(fut: impl std::future::Future<Output = Result<T, DataError>> + Send) -> Result<T, DataError> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(|| runtime()?.block_on(fut)).join().unwrap_or_else(|_| {
+            Err(DataError::Delta { path: String::new(), message: "the Delta worker thread panicked".into() })
+        }))
+    } else {
+        runtime()?.block_on(fut)
+    }
+}
+
+fn delta_err(path: &str) -> impl Fn(DeltaTableError) -> DataError + '_ {
+    move |e| {
+        let message = match &e {
+            DeltaTableError::NotATable(_) | DeltaTableError::InvalidTableLocation(_) => {
+                format!("{e}: expected a folder holding `_delta_log/`")
+            }
+            _ => e.to_string(),
+        };
+        DataError::Delta { path: path.to_string(), message }
+    }
+}
+
+fn table_url(path: &str) -> Result<url::Url, DataError> {
+    deltalake::ensure_table_uri(path).map_err(delta_err(path))
+}
+
+/// Reads a Delta table into one DataFrame.
+pub(crate) fn read(path: &str, at: &DeltaVersion) -> Result<DataFrame, DataError> {
+    if !path.contains("://") && !Path::new(path).join("_delta_log").is_dir() {
+        return Err(DataError::Delta {
+            path: path.to_string(),
+            message: "not a Delta table: no `_delta_log/` folder there".into(),
+        });
+    }
+    let url = table_url(path)?;
+    let at = at.clone();
+    block_on(async move {
+        let table = match &at {
+            DeltaVersion::Latest => deltalake::open_table(url).await,
+            DeltaVersion::Version(v) => deltalake::open_table_with_version(url, *v as _).await,
+            DeltaVersion::Timestamp(ts) => deltalake::open_table_with_ds(url, ts).await,
+        }
+        .map_err(delta_err(path))?;
+        let version = table.version().ok_or_else(|| DataError::Delta {
+            path: path.to_string(),
+            message: "the table has no committed version".into(),
+        })?;
+        if let DeltaVersion::Timestamp(ts) = &at {
+            check_not_before_first_commit(&table, ts, path).await?;
+        }
+        let engine = table.log_store().engine(None);
+        let mut root = table.table_url().clone();
+        if !root.path().ends_with('/') {
+            root.set_path(&format!("{}/", root.path()));
+        }
+        let empty_schema = table.snapshot().map_err(delta_err(path))?.snapshot().arrow_schema();
+        let owned_path = path.to_string();
+        tokio::task::spawn_blocking(move || -> Result<DataFrame, DataError> {
+            let kerr = |e: delta_kernel::Error| DataError::Delta { path: owned_path.clone(), message: e.to_string() };
+            let snapshot = delta_kernel::Snapshot::builder_for(root.as_str())
+                .at_version(version as _)
+                .build(engine.as_ref())
+                .map_err(kerr)?;
+            let scan = snapshot.scan_builder().build().map_err(kerr)?;
+            let mut frames = vec![];
+            for data in scan.execute(engine.clone()).map_err(kerr)? {
+                let data = ArrowEngineData::try_from_engine_data(data.map_err(kerr)?).map_err(kerr)?;
+                let batch = data.record_batch();
+                if batch.num_rows() > 0 {
+                    frames.push(arrow_bridge::batch_to_df(batch)?);
+                }
+            }
+            if frames.is_empty() {
+                let empty = deltalake::arrow::array::RecordBatch::new_empty(empty_schema);
+                return arrow_bridge::batch_to_df(&empty);
+            }
+            let mut df = frames.remove(0);
+            for f in frames {
+                df.vstack_mut_owned(f).map_err(|e| DataError::Polars(e.to_string()))?;
+            }
+            df.rechunk_mut();
+            Ok(df)
+        })
+        .await
+        .map_err(|e| DataError::Delta { path: path.to_string(), message: format!("the reader task failed: {e}") })?
+    })
+}
+
+/// deltalake resolves a timestamp older than the table to its first version;
+/// reading data that did not exist yet is an error instead.
+async fn check_not_before_first_commit(table: &DeltaTable, ts: &str, path: &str) -> Result<(), DataError> {
+    use futures::StreamExt;
+    let wanted = chrono::DateTime::parse_from_rfc3339(ts).map_err(|e| DataError::Delta {
+        path: path.to_string(),
+        message: format!("`{ts}` is not an RFC 3339 timestamp ({e}); write it like 2025-01-31T12:00:00Z"),
+    })?;
+    let commits: Vec<_> = table.history(None).collect().await;
+    let first = commits.iter().filter_map(|c| c.as_ref().ok()).filter_map(|c| c.timestamp).min();
+    if let Some(first) = first
+        && wanted.timestamp_millis() < first
+    {
+        let when = chrono::DateTime::from_timestamp_millis(first).map(|d| d.to_rfc3339()).unwrap_or_default();
+        return Err(DataError::Delta {
+            path: path.to_string(),
+            message: format!("the table did not exist yet at {ts}: its first available version was written at {when}"),
+        });
+    }
+    Ok(())
+}
+
+/// The table's current version number, or `None` when there is no table at `path`.
+pub(crate) fn current_version(path: &str) -> Result<Option<u64>, DataError> {
+    if !path.contains("://") && !Path::new(path).join("_delta_log").is_dir() {
+        return Ok(None);
+    }
+    let url = table_url(path)?;
+    block_on(async move {
+        let t = deltalake::open_table(url).await.map_err(delta_err(path))?;
+        Ok(t.version().map(|v| v as u64))
+    })
+}
+
+/// Writes `df` to the Delta table at `path`; returns the new table version.
+pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, DataError> {
+    if !path.contains("://") {
+        std::fs::create_dir_all(path)
+            .map_err(|e| DataError::Io { path: path.to_string(), message: format!("cannot create the table folder: {e}") })?;
+    }
+    let exists = !path.contains("://") && Path::new(path).join("_delta_log").is_dir();
+    if exists && mode == WriteMode::Create {
+        return Err(DataError::Delta {
+            path: path.to_string(),
+            message: "a Delta table already exists here: use WriteMode::Append or WriteMode::Overwrite".into(),
+        });
+    }
+    let batch = arrow_bridge::df_to_batch(df)?;
+    let url = table_url(path)?;
+    block_on(async move {
+        let derr = delta_err(path);
+        if !exists {
+            // Data files first, then one commit that creates the table with them:
+            // version 0 holds the rows, and a failed write leaves no table behind.
+            let schema: StructType = batch.schema().as_ref().try_into_kernel().map_err(|e| DataError::Delta {
+                path: path.to_string(),
+                message: format!("the columns cannot be stored in Delta: {e}"),
+            })?;
+            let mut writer = RecordBatchWriter::try_new(url.as_str(), batch.schema(), None, None).map_err(&derr)?;
+            if batch.num_rows() > 0 {
+                writer.write(batch).await.map_err(&derr)?;
+            }
+            let adds = writer.flush().await.map_err(&derr)?;
+            let table = DeltaTable::try_from_url(url)
+                .await
+                .map_err(&derr)?
+                .create()
+                .with_columns(schema.fields().cloned())
+                .with_actions(adds.into_iter().map(Action::Add))
+                .await
+                .map_err(&derr)?;
+            return Ok(table.version().unwrap_or(0) as u64);
+        }
+        let mut table = deltalake::open_table(url).await.map_err(&derr)?;
+        let mut writer = RecordBatchWriter::for_table(&table).map_err(&derr)?;
+        if batch.num_rows() > 0 {
+            writer.write(batch).await.map_err(|e| DataError::Delta {
+                path: path.to_string(),
+                message: format!("{e} (the table's columns and types must match the data's; write to a new path to change them)"),
+            })?;
+        }
+        let version = if mode == WriteMode::Overwrite {
+            let adds = writer.flush().await.map_err(&derr)?;
+            let snapshot = table.snapshot().map_err(&derr)?;
+            let mut actions: Vec<Action> =
+                snapshot.log_data().iter().map(|f| Action::Remove(f.remove_action(true))).collect();
+            actions.extend(adds.into_iter().map(Action::Add));
+            let op = DeltaOperation::Write { mode: SaveMode::Overwrite, partition_by: None, predicate: None };
+            let done = CommitBuilder::default()
+                .with_actions(actions)
+                .build(Some(snapshot), table.log_store(), op)
+                .await
+                .map_err(&derr)?;
+            done.version()
+        } else {
+            writer.flush_and_commit(&mut table).await.map_err(&derr)?
+        };
+        Ok(version as u64)
+    })
+}

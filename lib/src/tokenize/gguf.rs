@@ -1,0 +1,250 @@
+//! A Hugging Face tokenizer rebuilt from GGUF metadata.
+//!
+//! llama.cpp stores a byte-level BPE (`tokenizer.ggml.model = gpt2`) as its
+//! vocabulary (already spelled in the GPT-2 byte alphabet), its merges, token
+//! types and a pre-tokenizer name (`tokenizer.ggml.pre`). The pre-tokenizer
+//! decides how text is cut before BPE; getting it wrong changes ids (SmolLM2's
+//! `smollm` splits every digit on its own). Each name maps to the
+//! pre-tokenizer the model's own `tokenizer.json` declares; an unknown name is
+//! an error rather than a silent GPT-2 fallback.
+
+use super::TokenizeError;
+use candle_core::quantized::gguf_file::{Content, Value};
+use serde_json::{Value as Json, json};
+use std::path::Path;
+
+/// Token type of a control token (`<|im_start|>`), in GGUF `tokenizer.ggml.token_type`.
+const CONTROL: i32 = 3;
+/// Token type of a user-defined added token (matched whole, not special).
+const USER_DEFINED: i32 = 4;
+
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Pre-tokenizer names llama.cpp treats as Llama 3's (its split, and whole
+/// pre-tokens looked up before merging).
+const LLAMA3_IGNORE_MERGES: &[&str] = &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"];
+
+/// GGUF pre-tokenizer names this module knows, for error messages.
+pub const KNOWN_PRE_TOKENIZERS: &[&str] = &[
+    "default", "gpt-2", "gpt2", "smollm", "starcoder", "refact", "llama3", "llama-v3", "llama-bpe", "falcon3",
+    "falcon-h1", "pixtral", "midm-2.0", "lfm2", "smaug-bpe", "dbrx", "qwen2", "deepseek-r1-qwen",
+];
+
+fn byte_level(use_regex: bool) -> Json {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
+}
+
+fn split_then_byte_level(pattern: &str) -> Json {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        byte_level(false),
+    ]})
+}
+
+/// The `tokenizer.json` pre-tokenizer for a GGUF `tokenizer.ggml.pre` name.
+pub(crate) fn pre_tokenizer_for(pre: &str) -> Option<Json> {
+    Some(match pre {
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            byte_level(true),
+        ]}),
+        p if LLAMA3_IGNORE_MERGES.contains(&p) || p == "smaug-bpe" || p == "dbrx" => split_then_byte_level(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => split_then_byte_level(QWEN2_SPLIT),
+        _ => return None,
+    })
+}
+
+fn get<'a>(content: &'a Content, key: &str) -> Option<&'a Value> {
+    content.metadata.get(key)
+}
+
+fn get_u32(content: &Content, key: &str) -> Option<u32> {
+    get(content, key).and_then(|v| match v {
+        Value::U32(x) => Some(*x),
+        Value::I32(x) => u32::try_from(*x).ok(),
+        Value::U64(x) => u32::try_from(*x).ok(),
+        Value::I64(x) => u32::try_from(*x).ok(),
+        Value::U16(x) => Some(u32::from(*x)),
+        Value::U8(x) => Some(u32::from(*x)),
+        _ => None,
+    })
+}
+
+fn strings(content: &Content, key: &str, path: &Path) -> Result<Vec<String>, TokenizeError> {
+    let bad = |what: &str| TokenizeError::Gguf { path: path.to_path_buf(), message: format!("`{key}` {what}") };
+    let v = get(content, key).ok_or_else(|| bad("is missing"))?;
+    let Value::Array(items) = v else { return Err(bad("is not an array")) };
+    items
+        .iter()
+        .map(|i| match i {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(bad("holds a non-string entry")),
+        })
+        .collect()
+}
+
+/// What a GGUF file says about its tokenizer, as the pieces [`super::Tokenizer`] needs.
+pub(crate) struct GgufTokenizer {
+    pub json: String,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub pad: Option<u32>,
+    pub unk: Option<u32>,
+    pub chat_template: Option<String>,
+    pub tokens: Vec<String>,
+}
+
+/// Builds the `tokenizer.json` text for the tokenizer described by `content`.
+pub(crate) fn build(content: &Content, path: &Path) -> Result<GgufTokenizer, TokenizeError> {
+    let err = |message: String| TokenizeError::Gguf { path: path.to_path_buf(), message };
+    let model = get(content, "tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok().cloned())
+        .ok_or_else(|| err("no `tokenizer.ggml.model`: the file carries no tokenizer; load tokenizer.json instead".into()))?;
+    if model != "gpt2" {
+        return Err(err(format!(
+            "tokenizer model `{model}` is not supported from GGUF (only byte-level BPE, `gpt2`); load the model's tokenizer.json instead"
+        )));
+    }
+    let pre_name = get(content, "tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned()).unwrap_or_else(|| "default".into());
+    let pre = pre_tokenizer_for(&pre_name).ok_or_else(|| {
+        err(format!(
+            "pre-tokenizer `{pre_name}` is not known (known: {}); load the model's tokenizer.json instead",
+            KNOWN_PRE_TOKENIZERS.join(", ")
+        ))
+    })?;
+    let tokens = strings(content, "tokenizer.ggml.tokens", path)?;
+    let merges = strings(content, "tokenizer.ggml.merges", path)?;
+    let types: Vec<i32> = match get(content, "tokenizer.ggml.token_type") {
+        Some(Value::Array(items)) => items.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        vocab.insert(t.clone(), json!(i));
+    }
+    let mut added = vec![];
+    for (i, (t, ty)) in tokens.iter().zip(types.iter().chain(std::iter::repeat(&1))).enumerate() {
+        if *ty == CONTROL || *ty == USER_DEFINED {
+            added.push(json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": *ty != CONTROL, "special": *ty == CONTROL}));
+        }
+    }
+    let bos = get_u32(content, "tokenizer.ggml.bos_token_id");
+    let eos = get_u32(content, "tokenizer.ggml.eos_token_id");
+    let pad = get_u32(content, "tokenizer.ggml.padding_token_id");
+    let unk = get_u32(content, "tokenizer.ggml.unknown_token_id");
+    let add_bos = get(content, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+    let post_processor = match (add_bos, bos.and_then(|b| tokens.get(b as usize).map(|t| (b, t)))) {
+        (true, Some((id, tok))) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tok.as_str(): {"id": tok, "ids": [id], "tokens": [tok]}}}),
+        _ => Json::Null,
+    };
+    // Llama 3's own tokenizer.json looks a whole pre-token up before merging
+    // (`ignore_merges`), and so does llama.cpp for these pre-tokenizers.
+    let ignore_merges = LLAMA3_IGNORE_MERGES.contains(&pre_name.as_str());
+    let doc = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre,
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+            "vocab": vocab, "merges": merges},
+    });
+    let chat_template = get(content, "tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
+    Ok(GgufTokenizer { json: doc.to_string(), bos, eos, pad, unk, chat_template, tokens })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenize::Tokenizer;
+    use candle_core::quantized::gguf_file::VersionedMagic;
+    use std::collections::HashMap;
+
+    /// GGUF metadata for a toy byte-level BPE: the 256 byte characters, a few
+    /// merges, and `<s>` / `</s>` control tokens.
+    fn content(model: &str, pre: Option<&str>, add_bos: bool) -> Content {
+        let chars = crate::tokenize::fast::byte_chars_for_tests();
+        let mut tokens: Vec<String> = vec!["<s>".into(), "</s>".into()];
+        tokens.extend(chars.iter().map(|c| c.to_string()));
+        for t in ["ab", "Ġa", "Ġab", "12"] {
+            tokens.push(t.into());
+        }
+        let merges = ["Ġ a", "a b", "Ġa b", "1 2"];
+        let mut types = vec![3i32, 3];
+        types.extend(std::iter::repeat_n(1, tokens.len() - 2));
+        let mut md: HashMap<String, Value> = HashMap::new();
+        md.insert("tokenizer.ggml.model".into(), Value::String(model.into()));
+        if let Some(p) = pre {
+            md.insert("tokenizer.ggml.pre".into(), Value::String(p.into()));
+        }
+        md.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect()));
+        md.insert("tokenizer.ggml.merges".into(), Value::Array(merges.iter().map(|m| Value::String(m.to_string())).collect()));
+        md.insert("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect()));
+        md.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(0));
+        md.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(1));
+        md.insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos));
+        md.insert("toy.context_length".into(), Value::U32(128));
+        md.insert("tokenizer.chat_template".into(), Value::String("{{ bos_token }}{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}".into()));
+        Content { magic: VersionedMagic::GgufV3, metadata: md, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
+    }
+
+    fn id(tok: &Tokenizer, t: &str) -> u32 {
+        tok.token_to_id(t).unwrap()
+    }
+
+    #[test]
+    fn gpt2_and_smollm_pre_tokenizers() {
+        let tok = Tokenizer::from_gguf_content(&content("gpt2", None, false), "toy.gguf").unwrap();
+        assert!(tok.uses_fast_encoder());
+        assert_eq!(tok.model_max_length(), Some(128));
+        assert_eq!(tok.encode("ab ab", false).unwrap(), vec![id(&tok, "ab"), id(&tok, "Ġab")]);
+        // plain GPT-2 keeps "12" together, smollm splits every digit
+        assert_eq!(tok.encode("12", false).unwrap(), vec![id(&tok, "12")]);
+        let smol = Tokenizer::from_gguf_content(&content("gpt2", Some("smollm"), false), "toy.gguf").unwrap();
+        assert_eq!(smol.encode("12", false).unwrap(), vec![id(&smol, "1"), id(&smol, "2")]);
+        assert_eq!(smol.encode("<s>ab</s>", false).unwrap(), vec![0, id(&smol, "ab"), 1]);
+        for t in [&tok, &smol] {
+            let reference = t.clone().reference_encoder();
+            for text in ["ab ab", "12 ab1", " a  b\n", "x<s>12</s>"] {
+                assert_eq!(t.encode(text, false).unwrap(), reference.encode(text, false).unwrap(), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn llama3_split_bos_and_template() {
+        let tok = Tokenizer::from_gguf_content(&content("gpt2", Some("llama-bpe"), true), "toy.gguf").unwrap();
+        assert!(!tok.uses_fast_encoder(), "Split + ByteLevel goes through tokenizers");
+        assert_eq!(tok.encode("ab", true).unwrap(), vec![0, id(&tok, "ab")], "add_bos_token adds BOS");
+        assert_eq!(tok.encode("ab", false).unwrap(), vec![id(&tok, "ab")]);
+        // the template writes BOS: encode_chat must not add another
+        let ids = tok.encode_chat(&[crate::tokenize::Message::user("ab")], false).unwrap();
+        assert_eq!(ids, vec![0, id(&tok, "ab"), 1]);
+    }
+
+    #[test]
+    fn unsupported_metadata_says_what_to_do() {
+        let err = Tokenizer::from_gguf_content(&content("gpt2", Some("mystery"), false), "toy.gguf").unwrap_err().to_string();
+        assert!(err.contains("mystery") && err.contains("smollm") && err.contains("tokenizer.json"), "{err}");
+        let err = Tokenizer::from_gguf_content(&content("llama", None, false), "toy.gguf").unwrap_err().to_string();
+        assert!(err.contains("llama") && err.contains("tokenizer.json"), "{err}");
+        let mut c = content("gpt2", None, false);
+        c.metadata.remove("tokenizer.ggml.merges");
+        let err = Tokenizer::from_gguf_content(&c, "toy.gguf").unwrap_err().to_string();
+        assert!(err.contains("tokenizer.ggml.merges") && err.contains("missing"), "{err}");
+        let mut c = content("gpt2", None, false);
+        c.metadata.clear();
+        assert!(Tokenizer::from_gguf_content(&c, "toy.gguf").is_err());
+    }
+}
