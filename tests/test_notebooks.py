@@ -44,6 +44,7 @@ def test_hello_notebook(tmp_path):
     assert [v["y"] for v in spec["data"]["values"]][:2] == [2.3, 1.9]
     assert plot["image/svg+xml"].lstrip().startswith("<svg")
 
+    assert not [o for o in cells["progress"] if o["output_type"] == "execute_result"], "a loop shows no ()"
     progress = [o for o in cells["progress"] if o["output_type"] == "display_data"]
     # nbclient folds update_display_data into the original output.
     assert len(progress) == 1 and "100%" in progress[0]["data"]["text/plain"]

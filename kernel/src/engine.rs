@@ -451,7 +451,14 @@ fn engine_thread(
                             // A library loop saw the interrupt and returned; the panic or
                             // error it raised (if any) is reported by the pump.
                         }
-                        Ok(out.content_by_mime_type.into_iter().collect())
+                        let data: BTreeMap<String, String> = out.content_by_mime_type.into_iter().collect();
+                        // A cell ending in a statement-like expression (`for`, a
+                        // call returning `()`) has nothing to show.
+                        if data.len() == 1 && data.get("text/plain").map(String::as_str) == Some("()") {
+                            Ok(BTreeMap::new())
+                        } else {
+                            Ok(data)
+                        }
                     }
                     Err(evcxr::Error::CompilationErrors(errs)) => Err(ExecError::Compile(errs.iter().map(compile_error).collect())),
                     Err(evcxr::Error::SubprocessTerminated(m)) => {

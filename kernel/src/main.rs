@@ -87,8 +87,11 @@ fn enter_slot(reseed: bool) -> anyhow::Result<slot::Slot> {
 fn main() -> ExitCode {
     if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
         // The process that runs cells: keep SIGINT pending for the library's
-        // cooperative interrupt checks (tunebook::interrupt).
+        // cooperative interrupt checks (tunebook::interrupt), and die with the
+        // kernel even if the kernel is killed without cleaning up.
         block_sigint();
+        // SAFETY: prctl with constant arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     }
     evcxr::runtime_hook();
     let cli = Cli::parse();
