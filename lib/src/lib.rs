@@ -8,6 +8,7 @@
 
 pub mod display;
 pub mod interrupt;
+pub mod model;
 
 /// The library version, as logged in run tags.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -19,6 +20,9 @@ pub mod prelude {
         self, DataFrameExt, EvcxrDisplay, Html, Line, LinePlot, MimeBundle, ProgressBar, Render, Table, input, live, show,
     };
     pub use crate::interrupt;
+    pub use crate::model::{
+        ChatMessage, GenerationConfig, LlamaConfig, LlamaModel, LoraConfig, Model, Packing, TextTokenizer, default_device,
+    };
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;
 }

@@ -13,6 +13,27 @@ struct Cli {
 enum Command {
     /// Show the version and the compute devices this build can use.
     Info,
+    /// Generate text with a model (a local directory, a .gguf file, or a Hugging Face id in the local cache).
+    Generate {
+        /// Model directory, .gguf file, or Hugging Face id (org/name) found in the local cache.
+        #[arg(long)]
+        model: String,
+        /// Plain text to continue.
+        #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+        prompt: Option<String>,
+        /// A user message, sent through the model's chat template.
+        #[arg(long)]
+        chat: Option<String>,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -21,6 +42,13 @@ fn main() -> std::process::ExitCode {
         Command::Info => {
             use tunebook::display::Render;
             println!("{}", tunebook::info().text_plain());
+        }
+        Command::Generate { model, prompt, chat, max_tokens, temperature, seed } => {
+            let args = tunebook::model::GenerateArgs { model, prompt, chat, max_tokens, temperature, seed };
+            if let Err(e) = tunebook::model::run_generate_cli(&args) {
+                eprintln!("error: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
         }
     }
     std::process::ExitCode::SUCCESS
