@@ -33,6 +33,9 @@ enum Command {
         /// Sampler seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Do not stop at end-of-sequence tokens (benchmarks).
+        #[arg(long)]
+        ignore_eos: bool,
     },
 }
 
@@ -43,8 +46,8 @@ fn main() -> std::process::ExitCode {
             use tunebook::display::Render;
             println!("{}", tunebook::info().text_plain());
         }
-        Command::Generate { model, prompt, chat, max_tokens, temperature, seed } => {
-            let args = tunebook::model::GenerateArgs { model, prompt, chat, max_tokens, temperature, seed };
+        Command::Generate { model, prompt, chat, max_tokens, temperature, seed, ignore_eos } => {
+            let args = tunebook::model::GenerateArgs { model, prompt, chat, max_tokens, temperature, seed, ignore_eos };
             if let Err(e) = tunebook::model::run_generate_cli(&args) {
                 eprintln!("error: {e:#}");
                 return std::process::ExitCode::FAILURE;

@@ -65,7 +65,7 @@ impl<'a> FrameView<'a> {
     fn cells(&self) -> (Vec<String>, Vec<Vec<String>>) {
         let headers = self
             .df
-            .get_columns()
+            .columns()
             .iter()
             .map(|c| format!("{}\n{}", c.name(), c.dtype()))
             .collect();
@@ -77,7 +77,7 @@ impl<'a> FrameView<'a> {
             }
             rows.push(
                 self.df
-                    .get_columns()
+                    .columns()
                     .iter()
                     .map(|c| c.get(i).map(|v| cell_text(&v)).unwrap_or_else(|e| format!("<error: {e}>")))
                     .collect(),

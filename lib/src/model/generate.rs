@@ -29,6 +29,8 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     /// Generation stops when the text contains one of these; the text is cut before it.
     pub stop_strings: Vec<String>,
+    /// Keep going past EOS ids (for benchmarks and tests).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerationConfig {
@@ -42,6 +44,7 @@ impl Default for GenerationConfig {
             seed: 42,
             eos_token_ids: vec![],
             stop_strings: vec![],
+            ignore_eos: false,
         }
     }
 }
@@ -235,6 +238,9 @@ impl LlamaModel {
         }
         let mut eos = self.config.eos_token_ids.clone();
         eos.extend(&config.eos_token_ids);
+        if config.ignore_eos {
+            eos.clear();
+        }
         Ok(TokenStream {
             model: self,
             cache: KvCache::new(),
@@ -416,6 +422,8 @@ pub struct GenerateArgs {
     pub max_tokens: usize,
     pub temperature: f64,
     pub seed: u64,
+    /// Generate exactly `max_tokens` (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Runs `tunebook generate`: streams the reply to stdout, then a one-line summary to stderr.
@@ -424,7 +432,13 @@ pub fn run_generate_cli(args: &GenerateArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let model = Model::load(&args.model)?;
     let load_s = t0.elapsed().as_secs_f64();
-    let cfg = GenerationConfig { max_new_tokens: args.max_tokens, temperature: args.temperature, seed: args.seed, ..Default::default() };
+    let cfg = GenerationConfig {
+        max_new_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        ignore_eos: args.ignore_eos,
+        ..Default::default()
+    };
     let mut out = std::io::stdout();
     let t1 = std::time::Instant::now();
     let print = |s: &str| {

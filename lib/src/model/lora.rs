@@ -126,6 +126,7 @@ impl LlamaModel {
         config.validate()?;
         self.freeze_all()?;
         let device = self.device().clone();
+        let dtype = self.dtype();
         let scale = config.scale();
         for (l, layer) in self.layers.iter_mut().enumerate() {
             for (i, (sub, lin)) in layer.linears_mut().into_iter().enumerate() {
@@ -139,8 +140,8 @@ impl LlamaModel {
                 let a = Tensor::from_vec(uniform(config.r * inp, bound, seed), (config.r, inp), &device)?;
                 let b = Tensor::zeros((out, config.r), DType::F32, &device)?;
                 lin.lora = Some(LoraAdapter {
-                    a: Var::from_tensor(&a.to_dtype(self.dtype())?)?,
-                    b: Var::from_tensor(&b.to_dtype(self.dtype())?)?,
+                    a: Var::from_tensor(&a.to_dtype(dtype)?)?,
+                    b: Var::from_tensor(&b.to_dtype(dtype)?)?,
                     scale,
                     dropout: config.dropout,
                 });

@@ -278,7 +278,7 @@ fn model_loss_gradient_matches_finite_differences() -> Result<()> {
         // The largest-gradient element, where finite differences are most informative.
         let i = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
         let h = 1e-2f32;
-        let mut eval = |d: f32| -> Result<f64> {
+        let eval = |d: f32| -> Result<f64> {
             let mut p = base.clone();
             p[i] += d;
             var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;

@@ -114,8 +114,8 @@ impl HfTokenizer {
         if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
             eos_ids.push(id);
         }
-        if let Some(gen) = read("generation_config.json")? {
-            match gen.get("eos_token_id") {
+        if let Some(generation) = read("generation_config.json")? {
+            match generation.get("eos_token_id") {
                 Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|v| v as u32)),
                 Some(Value::Array(a)) => eos_ids.extend(a.iter().filter_map(Value::as_u64).map(|v| v as u32)),
                 _ => {}
@@ -235,7 +235,7 @@ impl TextTokenizer for HfTokenizer {
             .get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
-                    messages => messages,
+                    messages => minijinja::Value::from(minijinja::value::Serde(messages)),
                     add_generation_prompt => add_generation_prompt,
                     bos_token => self.bos_token.clone().unwrap_or_default(),
                     eos_token => self.eos_token.clone().unwrap_or_default(),

@@ -188,6 +188,7 @@ impl CustomOp3 for AttentionOp {
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice_f32("attention", sq, lq)?, slice_f32("attention", sk, lk)?, slice_f32("attention", sv, lv)?);
+        let _t = super::profile::timer("attention fwd");
         let dm = dims(lq, lk)?;
         let mut out = vec![0f32; q.len()];
         let outp = SharedMut(out.as_mut_ptr());
@@ -216,6 +217,7 @@ impl CustomOp3 for AttentionOp {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = super::profile::timer("attention bwd");
         let dm = dims(q.layout(), k.layout())?;
         let g = g.to_dtype(DType::F32)?;
         let (dq, dk, dv) = with_f32(q, |q| {

@@ -54,7 +54,7 @@ pub fn check_grads(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Resul
         let step = (n / 48).max(1);
         let gmax = g.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
         for i in (0..n).step_by(step) {
-            let mut eval = |delta: f32| -> Result<f64> {
+            let eval = |delta: f32| -> Result<f64> {
                 let mut p = base.clone();
                 p[i] += delta;
                 let mut args: Vec<Tensor> = inputs.to_vec();

@@ -36,6 +36,7 @@ impl CustomOp2 for LinearOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = super::profile::timer("linear fwd");
         let (n, k) = l1.shape().dims2()?;
         let (m, _) = l2.shape().dims2()?;
         if s1.dtype() != DType::F32 {
@@ -64,6 +65,7 @@ impl CustomOp2 for LinearOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = super::profile::timer("linear bwd");
         let (need_x, need_w) = (tracked(x), tracked(w));
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && g.dtype() == DType::F32;
         if !cpu_f32 {

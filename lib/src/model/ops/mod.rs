@@ -13,6 +13,7 @@ pub mod attention;
 pub mod gemm;
 pub mod linear;
 pub mod norm;
+pub mod profile;
 pub mod rope;
 pub mod swiglu;
 pub mod xent;
@@ -49,7 +50,7 @@ pub(crate) fn tracked(t: &Tensor) -> bool {
 pub(crate) fn slice_f32<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!("{op}: expected f32 input, got {:?}", other.dtype()),
+        other => candle_core::bail!("{op}: expected f32 input, got {:?}", candle_core::backend::BackendStorage::dtype(other)),
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),

@@ -37,6 +37,7 @@ impl CustomOp2 for RmsNormOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = super::profile::timer("rms_norm fwd");
         let x = slice_f32("rms_norm", s1, l1)?;
         let w = slice_f32("rms_norm", s2, l2)?;
         let h = w.len();
@@ -54,6 +55,7 @@ impl CustomOp2 for RmsNormOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = super::profile::timer("rms_norm bwd");
         let need_x = tracked(x);
         let need_w = tracked(w);
         let h = w.elem_count();

@@ -129,6 +129,7 @@ impl CustomOp1 for RopeOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = super::profile::timer("rope");
         let x = slice_f32("rope", s, l)?;
         let (_, _, heads, d) = l.shape().dims4()?;
         let half = self.rope.half;

@@ -34,6 +34,7 @@ impl CustomOp2 for SwigluOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = super::profile::timer("swiglu fwd");
         let g = slice_f32("swiglu", s1, l1)?;
         let u = slice_f32("swiglu", s2, l2)?;
         let mut out = vec![0f32; g.len()];
@@ -51,6 +52,7 @@ impl CustomOp2 for SwigluOp {
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = super::profile::timer("swiglu bwd");
         let (need_g, need_u) = (tracked(gate), tracked(up));
         let grad = grad.to_dtype(DType::F32)?;
         let (dg, du) = with_f32(gate, |g| {

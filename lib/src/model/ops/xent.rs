@@ -49,7 +49,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let targets = Tensor::from_vec(targets, (cnt, 1), dev)?;
     let logits = logits.index_select(&rows, 0)?.to_dtype(DType::F32)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    (logp.gather(&targets, 1)?.sum_all()? * (-1.0 / cnt as f64))?
+    logp.gather(&targets, 1)?.sum_all()? * (-1.0 / cnt as f64)
 }
 
 /// Mean cross-entropy of `hidden · wᵀ` (hidden `[N, H]`, the LM head `w` `[V, H]`) against
@@ -116,6 +116,7 @@ impl CustomOp2 for FusedXent {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = super::profile::timer("lm_head+loss fwd");
         let x = slice_f32("lm_head_cross_entropy", s1, l1)?;
         let w = slice_f32("lm_head_cross_entropy", s2, l2)?;
         let (n, h) = l1.shape().dims2()?;
@@ -130,6 +131,7 @@ impl CustomOp2 for FusedXent {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = super::profile::timer("lm_head+loss bwd");
         let (need_x, need_w) = (tracked(x), tracked(w));
         let (n, h) = x.dims2()?;
         let (v, _) = w.dims2()?;

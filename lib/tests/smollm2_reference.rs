@@ -1,0 +1,142 @@
+//! Parity with Hugging Face transformers on the real SmolLM2-135M-Instruct GGUF (f32).
+//!
+//! The reference (`tests/data/smollm2_reference.json`) is made by
+//! `tests/data/make_reference.py`. The GGUF is downloaded by `scripts/setup.sh` to
+//! `$TUNEBOOK_SMOLLM2_GGUF`; without it this test says so and passes.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::path::PathBuf;
+use tunebook::model::{ChatMessage, GenerationConfig, HfTokenizer, LlamaModel, TextTokenizer};
+
+fn gguf_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("TUNEBOOK_SMOLLM2_GGUF") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join(".cache/tunebook/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() -> Result<()> {
+    let path = gguf_path();
+    if !path.is_file() {
+        eprintln!(
+            "SKIPPED smollm2_gguf_matches_transformers: {} is absent (run scripts/setup.sh to download it)",
+            path.display()
+        );
+        return Ok(());
+    }
+    let reference: Value =
+        serde_json::from_str(include_str!("data/smollm2_reference.json")).context("reference JSON")?;
+    let model = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
+    let tok = HfTokenizer::from_gguf(&path)?;
+    assert!(model.config.tie_word_embeddings && model.config.num_key_value_heads == 3);
+
+    for case in reference["cases"].as_array().unwrap() {
+        let text = case["prompt_text"].as_str().unwrap();
+        let want_ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone())?;
+        if case["kind"] == "chat" {
+            let msgs: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone())?;
+            assert_eq!(tok.apply_chat_template(&msgs, true)?, text, "chat template rendering");
+        }
+        assert_eq!(tok.encode(text, false)?, want_ids, "prompt token ids of {text:?}");
+
+        let n = want_ids.len();
+        let logits = model.forward(&Tensor::from_vec(want_ids.clone(), (1, n), &Device::Cpu)?)?.squeeze(0)?;
+        for (pos, top) in case["top10"].as_object().unwrap() {
+            let pos: usize = pos.parse()?;
+            let row = logits.get(pos)?.to_vec1::<f32>()?;
+            let ref_ids: Vec<u32> = serde_json::from_value(top["ids"].clone())?;
+            let ref_logits: Vec<f32> = serde_json::from_value(top["logits"].clone())?;
+            let mut order: Vec<u32> = (0..row.len() as u32).collect();
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            assert_eq!(&order[..10], &ref_ids[..], "top-10 ids at position {pos} of {text:?}");
+            for (id, want) in ref_ids.iter().zip(&ref_logits) {
+                let got = row[*id as usize];
+                let rel = (got - want).abs() / want.abs().max(1e-6);
+                assert!(rel <= 1e-3, "logit of token {id} at position {pos} of {text:?}: {got} vs {want} (rel {rel:.2e})");
+            }
+        }
+        let want_gen: Vec<u32> = serde_json::from_value(case["greedy_ids"].clone())?;
+        // The reference's greedy continuations run through EOS.
+        let cfg = GenerationConfig { ignore_eos: true, ..GenerationConfig::greedy(want_gen.len()) };
+        let (got_gen, _) = model.generate_ids(&want_ids, &cfg)?;
+        assert_eq!(got_gen, want_gen, "greedy continuation of {text:?}: {:?}", tok.decode(&got_gen, false)?);
+        assert_eq!(tok.decode(&got_gen, false)?, case["greedy_text"].as_str().unwrap(), "decoded continuation");
+    }
+    Ok(())
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// One LoRA training step (forward + backward) on SmolLM2, printed as a `BENCH {json}` line
+/// for `bench/lora_step.py`. Batch and length from `BENCH_BATCH` / `BENCH_SEQ` (4 × 256).
+#[test]
+#[ignore = "benchmark: run by bench/lora_step.py"]
+fn bench_lora_step_smollm2() -> Result<()> {
+    use tunebook::model::{LoraConfig, Packing, ops::profile};
+    let path = gguf_path();
+    if !path.is_file() {
+        eprintln!("SKIPPED: {} is absent", path.display());
+        return Ok(());
+    }
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (b, t, steps) = (env("BENCH_BATCH", 4), env("BENCH_SEQ", 256), env("BENCH_STEPS", 3));
+    let mut model = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
+    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, ..LoraConfig::default() }.all_linear();
+    model.add_lora(&lora)?;
+    let vocab = model.config.vocab_size as u64;
+    let mut s = 12345u64;
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab) as u32
+        })
+        .collect();
+    let labels: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
+    let x = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
+    let mut fwd = Vec::new();
+    let mut bwd = Vec::new();
+    for step in 0..=steps {
+        if step == 1 {
+            profile::take();
+        }
+        let t0 = std::time::Instant::now();
+        let loss = model.loss(&x, &labels, &Packing::default(), true)?;
+        let t1 = std::time::Instant::now();
+        let grads = loss.backward()?;
+        let t2 = std::time::Instant::now();
+        drop(grads);
+        if step > 0 {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+        }
+        eprintln!("step {step}: loss {:.4} forward {:.2}s backward {:.2}s", loss.to_scalar::<f32>()?, (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (f, bw) = (median(&mut fwd), median(&mut bwd));
+    let prof: Vec<serde_json::Value> = profile::take()
+        .into_iter()
+        .map(|(name, secs, calls)| serde_json::json!({"op": name, "seconds_per_step": secs / steps as f64, "calls_per_step": calls / steps as u64}))
+        .collect();
+    let out = serde_json::json!({
+        "batch": b, "seq": t, "forward_s": f, "backward_s": bw, "step_s": f + bw,
+        "tokens_per_s": (b * t) as f64 / (f + bw), "peak_rss_mib": peak_rss_mib(),
+        "gemm": tunebook::model::ops::gemm::backend_name(), "threads": tunebook::model::ops::gemm::num_threads(),
+        "profile": prof,
+    });
+    println!("BENCH {out}");
+    Ok(())
+}
