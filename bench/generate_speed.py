@@ -2,7 +2,7 @@
 transformers, same prompt, same number of new tokens (EOS ignored), in the same run.
 
     ~/.cache/tunebook/refvenv/bin/python bench/generate_speed.py [--tokens 128] [--runs 3]
-Needs the debug CLI built (`cargo_ build -p tunebook`) and a Python with torch + transformers + gguf.
+Runs the CLI through `cargo_ run` (dev profile: dependencies at opt-level 3) and a Python with torch + transformers + gguf.
 """
 import argparse
 import os
@@ -18,7 +18,7 @@ PROMPT = "Write a short story about a robot who learns to paint."
 
 
 def ours(tokens, runs):
-    cmd = f'. scripts/env.sh && tunebook generate --model "{GGUF}" --chat "{PROMPT}" --max-tokens {tokens} --ignore-eos'
+    cmd = f'. scripts/env.sh && cargo_ run -q -p tunebook -- generate --model "{GGUF}" --chat "{PROMPT}" --max-tokens {tokens} --ignore-eos'
     rates = []
     for _ in range(runs):
         out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True)

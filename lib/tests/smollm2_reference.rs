@@ -140,3 +140,28 @@ fn bench_lora_step_smollm2() -> Result<()> {
     println!("BENCH {out}");
     Ok(())
 }
+
+/// Greedy decoding speed on SmolLM2 with a per-op profile (`TUNEBOOK_PROFILE=1`).
+#[test]
+#[ignore = "benchmark"]
+fn bench_decode_smollm2() -> Result<()> {
+    use tunebook::model::ops::profile;
+    let path = gguf_path();
+    if !path.is_file() {
+        eprintln!("SKIPPED: {} is absent", path.display());
+        return Ok(());
+    }
+    let model = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
+    let prompt: Vec<u32> = (0..40).map(|i| 100 + i * 7).collect();
+    let cfg = GenerationConfig { ignore_eos: true, ..GenerationConfig::greedy(64) };
+    model.generate_ids(&prompt, &GenerationConfig { ignore_eos: true, ..GenerationConfig::greedy(2) })?;
+    profile::take();
+    let t = std::time::Instant::now();
+    let (ids, _) = model.generate_ids(&prompt, &cfg)?;
+    let s = t.elapsed().as_secs_f64();
+    println!("BENCH {{\"tokens\": {}, \"seconds\": {s:.3}, \"tok_per_s\": {:.2}, \"gemm\": {:?}}}", ids.len(), ids.len() as f64 / s, tunebook::model::ops::gemm::backend_name());
+    for (name, secs, calls) in profile::take() {
+        println!("  {name:20} {secs:8.3}s {calls:6} calls");
+    }
+    Ok(())
+}

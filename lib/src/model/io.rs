@@ -3,6 +3,7 @@
 
 use super::config::LlamaConfig;
 use super::llama::LlamaModel;
+use super::ops;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
@@ -202,14 +203,25 @@ impl LlamaModel {
         // SAFETY: the files are memory-mapped read-only; tunebook never writes to them while loaded.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
         let names: std::collections::HashSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-        Self::from_tensors(config, device, dtype, |name| {
+        let mut packed = HashMap::new();
+        let keep_bf16 = device.is_cpu() && dtype == DType::F32;
+        let mut model = Self::from_tensors(config, device, dtype, |name| {
             if !names.contains(name) {
                 return Ok(None);
             }
             let t = st.load(name, &Device::Cpu).with_context(|| format!("reading tensor `{name}` from {}", dir.display()))?;
-            Ok(Some(t.to_dtype(DType::F32)?))
+            let f = t.to_dtype(DType::F32)?;
+            if keep_bf16 && t.dtype() == DType::BF16 && t.rank() == 2 {
+                let (r, c) = t.dims2()?;
+                if let Some(p) = ops::packed::PackedWeight::from_bf16_exact(&f.flatten_all()?.to_vec1::<f32>()?, r, c) {
+                    packed.insert(name.to_string(), p);
+                }
+            }
+            Ok(Some(f))
         })
-        .with_context(|| format!("loading {}", dir.display()))
+        .with_context(|| format!("loading {}", dir.display()))?;
+        model.set_packed(packed);
+        Ok(model)
     }
 
     /// Loads a GGUF file (`llama` or `qwen2` architecture), dequantising every tensor to f32 and
@@ -251,23 +263,37 @@ impl LlamaModel {
                 }
             }
         };
-        let model = Self::from_tensors(config, device, dtype, |hf| {
+        let mut packed = HashMap::new();
+        let mut model = Self::from_tensors(config, device, dtype, |hf| {
             let Some(g) = gguf_name(hf) else { return Ok(None) };
             if !content.tensor_infos.contains_key(&g) {
                 return Ok(None);
             }
             let q = content.tensor(&mut file, &g, &Device::Cpu).with_context(|| format!("reading GGUF tensor `{g}`"))?;
             let mut t = q.dequantize(&Device::Cpu).with_context(|| format!("dequantising GGUF tensor `{g}`"))?;
-            if permuted && g.ends_with(".weight") {
-                if g.contains("attn_q.") {
-                    t = unpermute_rows(&t, nh)?;
-                } else if g.contains("attn_k.") {
-                    t = unpermute_rows(&t, nkv)?;
-                }
+            let mut p = if t.rank() == 2 { ops::packed::PackedWeight::from_qtensor(&q)? } else { None };
+            let heads = if !permuted || !g.ends_with(".weight") {
+                None
+            } else if g.contains("attn_q.") {
+                Some(nh)
+            } else if g.contains("attn_k.") {
+                Some(nkv)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                t = unpermute_rows(&t, h)?;
+                p = p.map(|p| p.permute_rows(&unpermute_order(t.dims()[0], h)));
+            }
+            if let Some(p) = p {
+                packed.insert(hf.to_string(), p);
             }
             Ok(Some(t))
         })
         .with_context(|| format!("loading {}", path.display()))?;
+        if device.is_cpu() && dtype == DType::F32 {
+            model.set_packed(packed);
+        }
         Ok(model)
     }
 
@@ -329,6 +355,19 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     }
     let half = rows / heads / 2;
     Ok(w.reshape((heads, half, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+/// Row order of [`unpermute_rows`]: Hugging Face row `i` is llama.cpp row `order[i]`.
+pub fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
+    let d = rows / heads;
+    let half = d / 2;
+    (0..rows)
+        .map(|i| {
+            let (h, r) = (i / d, i % d);
+            let (s, j) = (r / half, r % half);
+            h * d + 2 * j + s
+        })
+        .collect()
 }
 
 /// Reads the string-valued GGUF metadata entries (for tokenizers and chat templates).

@@ -2,9 +2,10 @@
 
 use super::config::LlamaConfig;
 use super::lora::LoraAdapter;
-use super::ops::{self, AttentionMask, RopeTable};
+use super::ops::{self, AttentionMask, RopeTable, packed::PackedWeight};
 use anyhow::{Context, Result, bail};
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor, TensorId, Var};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A projection `y = x·Wᵀ (+ b) (+ LoRA)`. `weight` is a plain tensor when frozen and a
@@ -136,6 +137,9 @@ pub struct LlamaModel {
     rope: RopeTable,
     device: Device,
     dtype: DType,
+    /// Compact exact copies of frozen weights for decoding, keyed by the dense tensor they
+    /// mirror (a weight replaced or made trainable has a new id and is no longer mirrored).
+    packed: Arc<HashMap<TensorId, Arc<PackedWeight>>>,
 }
 
 impl LlamaModel {
@@ -187,7 +191,59 @@ impl LlamaModel {
         let norm = load("model.norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[v, h])?) };
         let rope = RopeTable::new(&config);
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype, packed: Arc::new(HashMap::new()) })
+    }
+
+    /// Registers compact decode copies for the tensors named (Hugging Face names).
+    pub(crate) fn set_packed(&mut self, by_name: HashMap<String, PackedWeight>) {
+        let mut map = HashMap::new();
+        for (name, t) in self.named_tensors() {
+            if let Some(p) = by_name.get(&name) {
+                if p.dims() == (t.dims()[0], t.dims().get(1).copied().unwrap_or(0)) {
+                    map.insert(t.id(), Arc::new(p.clone()));
+                }
+            }
+        }
+        self.packed = Arc::new(map);
+    }
+
+    /// How many weights have a compact decode copy.
+    pub fn packed_count(&self) -> usize {
+        self.packed.len()
+    }
+
+    /// `x·Wᵀ` through the compact copy of `w` when `x` is one untracked f32 CPU row and `w` is
+    /// frozen and mirrored; `None` otherwise.
+    fn packed_matvec(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        if w.is_variable() || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let k = x.dim(D::Minus1)?;
+        if x.elem_count() != k {
+            return Ok(None);
+        }
+        let Some(p) = self.packed.get(&w.id()) else { return Ok(None) };
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let y = p.matvec(&xs);
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap() = y.len();
+        Ok(Some(Tensor::from_vec(y, dims, &Device::Cpu)?))
+    }
+
+    /// A projection, using the compact decode copy when it applies.
+    fn project(&self, lin: &Linear, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            if let Some(mut y) = self.packed_matvec(x, &lin.weight)? {
+                if let Some(b) = &lin.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(l) = &lin.lora {
+                    y = (y + l.forward(x, false)?)?;
+                }
+                return Ok(y);
+            }
+        }
+        lin.forward(x, train)
     }
 
     /// The device the weights live on.
@@ -347,9 +403,9 @@ impl LlamaModel {
         let eps = c.rms_norm_eps;
         let h = ops::rms_norm(x, &layer.input_layernorm, eps)?;
         let a = &layer.self_attn;
-        let q = rope.apply(&a.q_proj.forward(&h, train)?.reshape((b, t, nh, d))?)?;
-        let mut k = rope.apply(&a.k_proj.forward(&h, train)?.reshape((b, t, nkv, d))?)?;
-        let mut v = a.v_proj.forward(&h, train)?.reshape((b, t, nkv, d))?;
+        let q = rope.apply(&self.project(&a.q_proj, &h, train)?.reshape((b, t, nh, d))?)?;
+        let mut k = rope.apply(&self.project(&a.k_proj, &h, train)?.reshape((b, t, nkv, d))?)?;
+        let mut v = self.project(&a.v_proj, &h, train)?.reshape((b, t, nkv, d))?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 1)?;
@@ -358,11 +414,11 @@ impl LlamaModel {
             *slot = Some((k.clone(), v.clone()));
         }
         let att = ops::attention(&q, &k, &v, mask)?.reshape((b, t, nh * d))?;
-        let x = (x + a.o_proj.forward(&att, train)?)?;
+        let x = (x + self.project(&a.o_proj, &att, train)?)?;
         let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
         let m = &layer.mlp;
-        let act = ops::swiglu(&m.gate_proj.forward(&h, train)?, &m.up_proj.forward(&h, train)?)?;
-        Ok((&x + m.down_proj.forward(&act, train)?)?)
+        let act = ops::swiglu(&self.project(&m.gate_proj, &h, train)?, &self.project(&m.up_proj, &h, train)?)?;
+        Ok((&x + self.project(&m.down_proj, &act, train)?)?)
     }
 
     /// Logits `[B, T, V]` for every position of `input_ids` `[B, T]` (u32 token ids).
@@ -419,6 +475,11 @@ impl LlamaModel {
         cache.len += t;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         let last = ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        if b == 1 {
+            if let Some(y) = self.packed_matvec(&last, self.lm_head_weight())? {
+                return Ok(y);
+            }
+        }
         Ok(ops::linear(&last, self.lm_head_weight())?)
     }
 

@@ -84,7 +84,7 @@ fn missing_and_misshapen_tensors_are_named() -> Result<()> {
 }
 
 /// Writes `m` as a llama.cpp-style GGUF (f32 tensors, Q/K rows permuted for interleaved rope).
-fn write_gguf(m: &LlamaModel, path: &std::path::Path) -> Result<()> {
+fn write_gguf(m: &LlamaModel, path: &std::path::Path, quant: GgmlDType) -> Result<()> {
     let c = &m.config;
     let permute = |t: &Tensor, heads: usize| -> Result<Tensor> {
         let (rows, cols) = t.dims2()?;
@@ -113,7 +113,8 @@ fn write_gguf(m: &LlamaModel, path: &std::path::Path) -> Result<()> {
         } else {
             t
         };
-        qts.push((g, QTensor::quantize(&t, GgmlDType::F32)?));
+        let dt = if t.rank() == 2 && t.dims()[1] % 32 == 0 { quant } else { GgmlDType::F32 };
+        qts.push((g, QTensor::quantize(&t, dt)?));
     }
     use gguf_file::Value as V;
     let md: Vec<(&str, V)> = vec![
@@ -140,11 +141,36 @@ fn gguf_load_unpermutes_q_and_k() -> Result<()> {
     let m = tiny()?;
     let dir = tempfile::tempdir()?;
     let p = dir.path().join("tiny.gguf");
-    write_gguf(&m, &p)?;
+    write_gguf(&m, &p, GgmlDType::F32)?;
     let g = LlamaModel::load(p.to_str().unwrap(), &Device::Cpu, DType::F32)?;
     assert!(g.lm_head.is_some());
     let x = ids(&[3, 1, 4, 1, 5, 9, 2, 6], 1)?;
     assert_close(&m.forward(&x)?, &g.forward(&x)?, 1e-6, "GGUF logits equal HF logits")?;
+    Ok(())
+}
+
+#[test]
+fn quantized_gguf_decodes_through_exact_packed_weights() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for quant in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let p = dir.path().join(format!("tiny-{quant:?}.gguf"));
+        write_gguf(&tiny()?, &p, quant)?;
+        let g = LlamaModel::from_gguf(&p, &Device::Cpu, DType::F32)?;
+        // q, k, v, o, gate, up (32 columns) of 2 layers, plus the LM head and the embedding.
+        assert_eq!(g.packed_count(), 2 * 6 + 2, "{quant:?}");
+        let seq = [5u32, 17, 33, 2, 40];
+        let full = g.forward(&ids(&seq, 1)?)?.squeeze(0)?;
+        let mut cache = KvCache::new();
+        g.forward_cached(&ids(&seq[..4], 1)?, &mut cache)?;
+        let step = g.forward_cached(&ids(&seq[4..], 1)?, &mut cache)?;
+        assert_close(&step.squeeze(0)?, &full.get(4)?, 1e-5, "packed decode step equals dense forward")?;
+        // A trainable copy no longer uses the packed weights, and still agrees.
+        let mut t = g.clone();
+        t.unfreeze_all()?;
+        let mut cache = KvCache::new();
+        t.forward_cached(&ids(&seq[..4], 1)?, &mut cache)?;
+        assert_close(&t.forward_cached(&ids(&seq[4..], 1)?, &mut cache)?, &step, 1e-5, "dense decode")?;
+    }
     Ok(())
 }
 

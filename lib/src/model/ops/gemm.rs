@@ -146,6 +146,12 @@ pub fn sgemm(
         }
         return;
     }
+    // One row times a transposed matrix (a decode step's x·Wᵀ): memory-bound, so a
+    // streaming dot-product kernel beats any GEMM.
+    if m == 1 && tb && !ta && alpha == 1.0 && beta == 0.0 {
+        gemv_rows(&a[..k], b, ldb, k, &mut c[..n], threads);
+        return;
+    }
     // Small per-head products run single-threaded inside the caller's parallel loop:
     // the gemm crate without threads is right there; BLAS takes the large ones.
     if let (Threads::All, Some(bl)) = (threads, blas()) {
@@ -208,6 +214,114 @@ pub fn sgemm(
     }
 }
 
+/// `y[j] = Σ_p x[p]·w[j·ldw + p]` for `j < y.len()`, parallel over rows when large.
+fn gemv_rows(x: &[f32], w: &[f32], ldw: usize, k: usize, y: &mut [f32], threads: Threads) {
+    use rayon::prelude::*;
+    let n = y.len();
+    let run = |j0: usize, ys: &mut [f32]| {
+        for (i, yv) in ys.iter_mut().enumerate() {
+            let r = (j0 + i) * ldw;
+            *yv = dot(x, &w[r..r + k]);
+        }
+    };
+    if threads == Threads::One || n * k < 1 << 16 || num_threads() <= 1 {
+        run(0, y);
+    } else {
+        let chunk = n.div_ceil(num_threads() * 4).max(16);
+        y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| run(ci * chunk, ys));
+    }
+}
+
+/// Dot product of two equal-length slices, vectorised for the CPU at hand.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            return unsafe { dot_avx512(a, b) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        for j in 0..16 {
+            acc[j] += a[i + j] * b[i + j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in n..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load stays below n.
+    unsafe {
+        while i + 64 <= n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                *s = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16 * j)), _mm512_loadu_ps(pb.add(i + 16 * j)), *s);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc[0]);
+            i += 16;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let mut total = _mm512_reduce_add_ps(s);
+        while i < n {
+            total += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        total
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load stays below n.
+    unsafe {
+        while i + 32 <= n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * j)), _mm256_loadu_ps(pb.add(i + 8 * j)), *s);
+            }
+            i += 32;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+        let mut total: f32 = lanes.iter().sum();
+        while i < n {
+            total += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        total
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +343,28 @@ mod tests {
     }
 
     #[test]
+    fn gemv_and_dot_match_naive() {
+        for len in [1usize, 15, 16, 33, 64, 100, 577] {
+            let a: Vec<f32> = (0..len).map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0).collect();
+            let b: Vec<f32> = (0..len).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() < 1e-3 * want.abs().max(1.0), "len {len}");
+            assert!((dot_portable(&a, &b) - want).abs() < 1e-3 * want.abs().max(1.0), "len {len}");
+        }
+        let (n, k) = (300, 70);
+        let x: Vec<f32> = (0..k).map(|i| (i as f32).sin()).collect();
+        let w: Vec<f32> = (0..n * (k + 3)).map(|i| (i as f32 * 0.37).cos()).collect();
+        let want = naive(false, true, 1, n, k, &x, k, &w, k + 3);
+        for threads in [Threads::One, Threads::All] {
+            let mut c = vec![0f32; n];
+            sgemm(false, true, 1, n, k, 1.0, &x, k, &w, k + 3, 0.0, &mut c, n, threads);
+            for (u, v) in c.iter().zip(&want) {
+                assert!((u - v).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
     fn sgemm_matches_naive_for_all_transposes() {
         let (m, n, k) = (7, 5, 9);
         let a: Vec<f32> = (0..m.max(k) * m.max(k) + 16).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
@@ -244,6 +380,31 @@ mod tests {
                     assert!((x - (2.0 * y + 0.5)).abs() < 1e-4, "ta={ta} tb={tb}: {x} vs {}", 2.0 * y + 0.5);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Memory throughput of the decode GEMV (`cargo test ... gemv_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "benchmark"]
+    fn gemv_speed() {
+        let (n, k, count) = (1536, 576, 120);
+        let ws: Vec<Vec<f32>> = (0..count).map(|c| (0..n * k).map(|i| ((i + c) % 17) as f32 * 0.01).collect()).collect();
+        let x: Vec<f32> = (0..k).map(|i| i as f32 * 0.001).collect();
+        let mut y = vec![0f32; n];
+        for threads in [Threads::One, Threads::All] {
+            let t = std::time::Instant::now();
+            for _ in 0..3 {
+                for w in &ws {
+                    sgemm(false, true, 1, n, k, 1.0, &x, k, w, k, 0.0, &mut y, n, threads);
+                }
+            }
+            let gb = 3.0 * (count * n * k * 4) as f64 / 1e9;
+            println!("gemv {threads:?}: {:.1} GB/s", gb / t.elapsed().as_secs_f64());
         }
     }
 }

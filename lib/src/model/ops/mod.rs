@@ -13,6 +13,7 @@ pub mod attention;
 pub mod gemm;
 pub mod linear;
 pub mod norm;
+pub mod packed;
 pub mod profile;
 pub mod rope;
 pub mod swiglu;
@@ -83,6 +84,13 @@ where
         return;
     }
     let rows = data.len() / row;
+    if data.len() < 1 << 15 || gemm::num_threads() <= 1 {
+        // Too small to be worth waking the thread pool (a decode step's single row).
+        for (r, d) in data.chunks_mut(row).enumerate() {
+            f(r, d);
+        }
+        return;
+    }
     let chunk = rows.div_ceil(gemm::num_threads().max(1) * 4).max(1);
     data.par_chunks_mut(chunk * row).enumerate().for_each(|(ci, block)| {
         for (ri, r) in block.chunks_mut(row).enumerate() {
