@@ -27,12 +27,15 @@ impl Linear {
 
     /// Applies the projection; `train` enables LoRA dropout.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = ops::linear(x, &self.weight)?;
+        let mut y = match &self.lora {
+            Some(l) if !self.weight.is_variable() => {
+                ops::lora_linear(x, &self.weight, l.a.as_tensor(), l.b.as_tensor(), l.scale, l.dropout, train)?
+            }
+            Some(l) => (ops::linear(x, &self.weight)? + l.forward(x, train)?)?,
+            None => ops::linear(x, &self.weight)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            y = (y + l.forward(x, train)?)?;
         }
         Ok(y)
     }
@@ -362,6 +365,9 @@ impl LlamaModel {
 
     /// Final hidden states `[B, T, H]` (after the last norm) for `input_ids` `[B, T]`.
     pub fn hidden_states(&self, input_ids: &Tensor, packing: &Packing, train: bool) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            ops::tune_allocator();
+        }
         let (b, t, ids) = self.check_ids(input_ids)?;
         let default_pos;
         let positions = match &packing.positions {
