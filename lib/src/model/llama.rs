@@ -73,7 +73,7 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
-/// Keys and values of past tokens, one entry per layer (`[B, T, Hkv, D]`), for generation.
+/// Keys and values of past tokens, one entry per layer (`[B, T, Hkv·D]`), for generation.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -403,15 +403,15 @@ impl LlamaModel {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let c = &self.config;
-        let (nh, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let d = c.head_dim();
         let eps = c.rms_norm_eps;
         let h = ops::rms_norm(x, &layer.input_layernorm, eps)?;
         let a = &layer.self_attn;
-        let q = rope.apply(&self.project(&a.q_proj, &h, train)?.reshape((b, t, nh, d))?)?;
-        let mut k = rope.apply(&self.project(&a.k_proj, &h, train)?.reshape((b, t, nkv, d))?)?;
-        let mut v = self.project(&a.v_proj, &h, train)?.reshape((b, t, nkv, d))?;
+        // [B, T, heads·D] throughout: rope and attention read the heads from the layout.
+        let q = rope.apply(&self.project(&a.q_proj, &h, train)?)?;
+        let mut k = rope.apply(&self.project(&a.k_proj, &h, train)?)?;
+        let mut v = self.project(&a.v_proj, &h, train)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 1)?;
@@ -419,7 +419,7 @@ impl LlamaModel {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let att = ops::attention(&q, &k, &v, mask)?.reshape((b, t, nh * d))?;
+        let att = ops::attention_flat(&q, &k, &v, d, mask)?;
         let x = (x + self.project(&a.o_proj, &att, train)?)?;
         let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
         let m = &layer.mlp;

@@ -78,10 +78,40 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Re
         }
     }
     if fusable(q) && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
-        let op = AttentionOp { mask: mask.clone(), scale: 1.0 / (d as f32).sqrt() };
+        let op = AttentionOp { mask: mask.clone(), scale: 1.0 / (d as f32).sqrt(), d };
         return q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     attention_composed(q, k, v, mask)
+}
+
+/// [`attention`] on the layout projections produce: `q` `[B, Tq, H·D]`, `k`, `v`
+/// `[B, Tk, Hkv·D]`; returns `[B, Tq, H·D]` (no reshapes for autograd to walk).
+pub fn attention_flat(q: &Tensor, k: &Tensor, v: &Tensor, head_dim: usize, mask: &AttentionMask) -> Result<Tensor> {
+    let (b, tq, hd) = q.dims3()?;
+    let (_, tk, hkvd) = k.dims3()?;
+    if head_dim == 0 || hd % head_dim != 0 || hkvd % head_dim != 0 {
+        candle_core::bail!("attention: widths {hd} and {hkvd} are not multiples of head_dim {head_dim}");
+    }
+    let (h, hkv) = (hd / head_dim, hkvd / head_dim);
+    if !(fusable(q) && k.dtype() == DType::F32 && v.dtype() == DType::F32) {
+        let out = attention(
+            &q.reshape((b, tq, h, head_dim))?,
+            &k.reshape((b, tk, hkv, head_dim))?,
+            &v.reshape((b, tk, hkv, head_dim))?,
+            mask,
+        )?;
+        return out.reshape((b, tq, hd));
+    }
+    if k.dims() != v.dims() || hkv == 0 || h % hkv != 0 || tk < tq || k.dim(0)? != b {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit together (head_dim {head_dim})", q.dims(), k.dims(), v.dims());
+    }
+    if let Some(s) = &mask.segments {
+        if s.len() != b * tk {
+            candle_core::bail!("attention: {} segment ids for {b}×{tk} keys", s.len());
+        }
+    }
+    let op = AttentionOp { mask: mask.clone(), scale: 1.0 / (head_dim as f32).sqrt(), d: head_dim };
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
 /// The same computation from differentiable candle ops (materialises the scores).
@@ -108,6 +138,7 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMa
 struct AttentionOp {
     mask: AttentionMask,
     scale: f32,
+    d: usize,
 }
 
 /// A pointer that parallel tasks write through at disjoint offsets.
@@ -150,12 +181,7 @@ impl AttentionOp {
                 row.iter_mut().for_each(|s| *s = 0.0);
                 continue;
             }
-            let mut sum = 0f32;
-            for s in row.iter_mut() {
-                let e = if *s == f32::NEG_INFINITY { 0.0 } else { (*s - max).exp() };
-                *s = e;
-                sum += e;
-            }
+            let sum = super::simd::exp_shifted_sum(row, max);
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|s| *s *= inv);
         }
@@ -167,9 +193,13 @@ impl AttentionOp {
     }
 }
 
-fn dims(q: &Layout, k: &Layout) -> Result<Dims> {
-    let (b, tq, h, d) = q.shape().dims4()?;
-    let (_, tk, hkv, _) = k.shape().dims4()?;
+/// Sizes from `[B, T, H, D]` or `[B, T, H·D]` layouts.
+fn dims(q: &Layout, k: &Layout, d: usize) -> Result<Dims> {
+    let qd = q.shape().dims();
+    let kd = k.shape().dims();
+    let (b, tq, tk) = (qd[0], qd[1], kd[1]);
+    let h = q.shape().elem_count() / (b * tq * d);
+    let hkv = k.shape().elem_count() / (b * tk * d);
     Ok(Dims { b, tq, tk, h, hkv, d })
 }
 
@@ -189,7 +219,7 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice_f32("attention", sq, lq)?, slice_f32("attention", sk, lk)?, slice_f32("attention", sv, lv)?);
         let _t = super::profile::timer("attention fwd");
-        let dm = dims(lq, lk)?;
+        let dm = dims(lq, lk, self.d)?;
         let mut out = vec![0f32; q.len()];
         let outp = SharedMut(out.as_mut_ptr());
         let out_len = out.len();
@@ -218,7 +248,7 @@ impl CustomOp3 for AttentionOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = super::profile::timer("attention bwd");
-        let dm = dims(q.layout(), k.layout())?;
+        let dm = dims(q.layout(), k.layout(), self.d)?;
         let g = g.to_dtype(DType::F32)?;
         let (dq, dk, dv) = with_f32(q, |q| {
             with_f32(k, |k| {
@@ -303,6 +333,11 @@ mod tests {
         let v = rand_tensor(&[2, 5, 2, 4], 12)?;
         for (name, m) in masks() {
             assert_close(&attention(&q, &k, &v, &m)?, &attention_composed(&q, &k, &v, &m)?, 1e-5, name)?;
+            let flat = attention_flat(&q.reshape((2, 5, 16))?, &k.reshape((2, 5, 8))?, &v.reshape((2, 5, 8))?, 4, &m)?;
+            assert_close(&flat.reshape((2, 5, 4, 4))?, &attention(&q, &k, &v, &m)?, 0.0, name)?;
+            check_grads(&format!("attention flat {name}"), &[q.reshape((2, 5, 16))?, k.reshape((2, 5, 8))?, v.reshape((2, 5, 8))?], |t| {
+                attention_flat(&t[0], &t[1], &t[2], 4, &m)
+            })?;
             check_grads(&format!("attention fused {name}"), &[q.clone(), k.clone(), v.clone()], |t| {
                 attention(&t[0], &t[1], &t[2], &m)
             })?;

@@ -20,12 +20,19 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.dtype() != w.dtype() {
         candle_core::bail!("linear: input is {:?} but weight is {:?}", x.dtype(), w.dtype());
     }
-    let n = x.elem_count() / k;
-    let x2 = x.contiguous()?.reshape((n, k))?;
-    let y = x2.apply_op2(&w.contiguous()?, LinearOp)?;
+    let _ = m;
+    // N-D in, N-D out: no reshape nodes for autograd to walk.
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
+}
+
+/// `(rows, k)` of an N-D layout whose last dimension is `k`, and the output shape with `m` last.
+pub(crate) fn rows_and_out(l: &Layout, m: usize) -> Result<(usize, usize, Shape)> {
+    let dims = l.shape().dims();
+    let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("linear: scalar input".into()))?;
+    let n = l.shape().elem_count() / k.max(1);
     let mut out = dims.to_vec();
     *out.last_mut().unwrap() = m;
-    y.reshape(out)
+    Ok((n, k, Shape::from(out)))
 }
 
 struct LinearOp;
@@ -37,17 +44,18 @@ impl CustomOp2 for LinearOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let _t = super::profile::timer("linear fwd");
-        let (n, k) = l1.shape().dims2()?;
         let (m, _) = l2.shape().dims2()?;
+        let (n, k, out_shape) = rows_and_out(l1, m)?;
         if s1.dtype() != DType::F32 {
-            let out = s1.matmul(s2, (1, n, m, k), l1, &l2.transpose(0, 1)?)?;
-            return Ok((out, Shape::from((n, m))));
+            let l1 = Layout::contiguous_with_offset((n, k), l1.start_offset());
+            let out = s1.matmul(s2, (1, n, m, k), &l1, &l2.transpose(0, 1)?)?;
+            return Ok((out, out_shape));
         }
         let x = slice_f32("linear", s1, l1)?;
         let w = slice_f32("linear", s2, l2)?;
         let mut out = vec![0f32; n * m];
         sgemm(false, true, n, m, k, 1.0, x, k, w, k, 0.0, &mut out, m, Threads::All);
-        Ok((CpuStorage::F32(out), Shape::from((n, m))))
+        Ok((CpuStorage::F32(out), out_shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -58,23 +66,25 @@ impl CustomOp2 for LinearOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = l1.shape().dims2()?;
         let (m, _) = l2.shape().dims2()?;
-        let out = s1.matmul(s2, (1, n, m, k), l1, &l2.transpose(0, 1)?)?;
-        Ok((out, Shape::from((n, m))))
+        let (n, k, out_shape) = rows_and_out(l1, m)?;
+        let l1 = Layout::contiguous_with_offset((n, k), l1.start_offset());
+        let out = s1.matmul(s2, (1, n, m, k), &l1, &l2.transpose(0, 1)?)?;
+        Ok((out, out_shape))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = super::profile::timer("linear bwd");
         let (need_x, need_w) = (tracked(x), tracked(w));
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && g.dtype() == DType::F32;
+        let (m, k) = w.dims2()?;
+        let n = x.elem_count() / k;
         if !cpu_f32 {
-            let dx = if need_x { Some(g.matmul(&w.contiguous()?)?) } else { None };
-            let dw = if need_w { Some(g.t()?.matmul(&x.contiguous()?)?) } else { None };
+            let g2 = g.reshape((n, m))?;
+            let dx = if need_x { Some(g2.matmul(&w.contiguous()?)?.reshape(x.shape())?) } else { None };
+            let dw = if need_w { Some(g2.t()?.matmul(&x.reshape((n, k))?)?) } else { None };
             return Ok((dx, dw));
         }
-        let (n, k) = x.dims2()?;
-        let (m, _) = w.dims2()?;
         let dx = if need_x {
             let v = with_f32(g, |g| {
                 with_f32(w, |w| {
@@ -83,7 +93,7 @@ impl CustomOp2 for LinearOp {
                     dx
                 })
             })??;
-            Some(cpu_tensor(v, (n, k))?)
+            Some(cpu_tensor(v, x.shape())?)
         } else {
             None
         };

@@ -44,13 +44,8 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, d
         let base = super::linear(x, w)?;
         return base + (super::linear(&super::linear(&xd, a)?, b)? * scale)?;
     }
-    let n = x.elem_count() / k;
-    let x2 = x.contiguous()?.reshape((n, k))?;
     let op = LoraOp { w: w.contiguous()?, scale: scale as f32, p, seed: next_seed() };
-    let y = x2.apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().unwrap() = m;
-    y.reshape(dims)
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
 struct LoraOp {
@@ -89,9 +84,9 @@ impl CustomOp3 for LoraOp {
         let x = slice_f32("lora_linear", sx, lx)?;
         let a = slice_f32("lora_linear", sa, la)?;
         let b = slice_f32("lora_linear", sb, lb)?;
-        let (n, k) = lx.shape().dims2()?;
         let (r, _) = la.shape().dims2()?;
         let m = lb.shape().dims()[0];
+        let (n, k, out_shape) = super::linear::rows_and_out(lx, m)?;
         let mut out = vec![0f32; n * m];
         with_f32(&self.w, |w| sgemm(false, true, n, m, k, 1.0, x, k, w, k, 0.0, &mut out, m, Threads::All))?;
         let xd = self.dropped(x);
@@ -99,14 +94,14 @@ impl CustomOp3 for LoraOp {
         let mut t = vec![0f32; n * r];
         sgemm(false, true, n, r, k, 1.0, xd, k, a, k, 0.0, &mut t, r, Threads::All);
         sgemm(false, true, n, m, r, self.scale, &t, r, b, r, 1.0, &mut out, m, Threads::All);
-        Ok((CpuStorage::F32(out), Shape::from((n, m))))
+        Ok((CpuStorage::F32(out), out_shape))
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = super::profile::timer("lora linear bwd");
-        let (n, k) = x.dims2()?;
-        let (r, _) = a.dims2()?;
+        let (r, k) = a.dims2()?;
         let (m, _) = b.dims2()?;
+        let n = x.elem_count() / k;
         let s = self.scale;
         let (need_x, need_a, need_b) = (tracked(x), tracked(a), tracked(b));
         let g = g.to_dtype(DType::F32)?;
@@ -154,7 +149,7 @@ impl CustomOp3 for LoraOp {
             })
         })?????;
         Ok((
-            dx.map(|v| cpu_tensor(v, (n, k))).transpose()?,
+            dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
             da.map(|v| cpu_tensor(v, (r, k))).transpose()?,
             db.map(|v| cpu_tensor(v, (m, r))).transpose()?,
         ))

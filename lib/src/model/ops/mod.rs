@@ -17,6 +17,7 @@ pub mod norm;
 pub mod packed;
 pub mod profile;
 pub mod rope;
+pub mod simd;
 pub mod swiglu;
 pub mod xent;
 
@@ -25,7 +26,7 @@ pub(crate) mod gradcheck;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
 
-pub use attention::{AttentionMask, attention};
+pub use attention::{AttentionMask, attention, attention_flat};
 pub use linear::linear;
 pub use lora_linear::lora_linear;
 pub use norm::rms_norm;

@@ -87,20 +87,26 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Rotates `x` (`[batch, seq, heads, head_dim]`). Differentiable.
+    /// Rotates `x`: `[batch, seq, heads, head_dim]`, or `[batch, seq, heads·head_dim]` as a
+    /// projection produces it. Differentiable.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, _h, d) = x.dims4()?;
-        if b != self.batch || t != self.seq || d != 2 * self.half {
+        let dims = x.dims();
+        let d = 2 * self.half;
+        let per_row = if dims.len() >= 3 { dims[2..].iter().product::<usize>() } else { 0 };
+        if dims.len() < 3 || dims[0] != self.batch || dims[1] != self.seq || per_row % d != 0 || (dims.len() == 4 && dims[3] != d) {
             candle_core::bail!(
-                "rope: input {:?} does not match positions for batch {}×{} and head_dim {}",
-                x.dims(),
+                "rope: input {:?} does not match positions for batch {}×{} and head_dim {d}",
+                dims,
                 self.batch,
                 self.seq,
-                2 * self.half
             );
         }
         if fusable(x) {
             return x.contiguous()?.apply_op1(RopeOp { rope: self.clone(), inverse: false });
+        }
+        if dims.len() == 3 {
+            let x4 = x.reshape((self.batch, self.seq, per_row / d, d))?;
+            return self.apply_composed(&x4)?.reshape(dims);
         }
         self.apply_composed(x)
     }
@@ -131,8 +137,9 @@ impl CustomOp1 for RopeOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let _t = super::profile::timer("rope");
         let x = slice_f32("rope", s, l)?;
-        let (_, _, heads, d) = l.shape().dims4()?;
         let half = self.rope.half;
+        let d = 2 * half;
+        let heads = l.shape().elem_count() / (self.rope.batch * self.rope.seq) / d;
         let sign = if self.inverse { -1.0f32 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
         let (cos, sin) = (&self.rope.cos, &self.rope.sin);
@@ -179,6 +186,8 @@ mod tests {
         let rope = table.at(&[0, 1, 2, 0, 1, 5, 6, 7], 2, 4)?;
         let x = rand_tensor(&[2, 4, 2, 8], 3)?;
         assert_close(&rope.apply(&x)?, &rope.apply_composed(&x)?, 1e-5, "rope fused vs composed")?;
+        let flat = rope.apply(&x.reshape((2, 4, 16))?)?;
+        assert_close(&flat.reshape((2, 4, 2, 8))?, &rope.apply(&x)?, 0.0, "rope on [b, t, h·d]")?;
         check_grads("rope fused", &[x.clone()], |v| rope.apply(&v[0]))?;
         check_grads("rope composed", &[x], |v| rope.apply_composed(&v[0]))?;
         Ok(())

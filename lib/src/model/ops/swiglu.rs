@@ -21,11 +21,6 @@ pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwigluOp;
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 const ROW: usize = 4096;
 
 impl CustomOp2 for SwigluOp {
@@ -41,9 +36,13 @@ impl CustomOp2 for SwigluOp {
         let n = g.len();
         let (body, tail) = out.split_at_mut(n - n % ROW);
         let f = |off: usize, o: &mut [f32]| {
+            // o ← exp(−x), then x·u / (1 + exp(−x))
             for (i, o) in o.iter_mut().enumerate() {
-                let x = g[off + i];
-                *o = x * sigmoid(x) * u[off + i];
+                *o = -g[off + i];
+            }
+            super::simd::exp_inplace(o);
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = g[off + i] * u[off + i] / (1.0 + *o);
             }
         };
         par_rows(body, ROW, |r, o| f(r * ROW, o));
@@ -64,8 +63,12 @@ impl CustomOp2 for SwigluOp {
                     if need_g {
                         let f = |off: usize, o: &mut [f32]| {
                             for (i, o) in o.iter_mut().enumerate() {
+                                *o = -g[off + i];
+                            }
+                            super::simd::exp_inplace(o);
+                            for (i, o) in o.iter_mut().enumerate() {
                                 let x = g[off + i];
-                                let s = sigmoid(x);
+                                let s = 1.0 / (1.0 + *o);
                                 *o = d[off + i] * u[off + i] * s * (1.0 + x * (1.0 - s));
                             }
                         };
@@ -76,8 +79,11 @@ impl CustomOp2 for SwigluOp {
                     if need_u {
                         let f = |off: usize, o: &mut [f32]| {
                             for (i, o) in o.iter_mut().enumerate() {
-                                let x = g[off + i];
-                                *o = d[off + i] * x * sigmoid(x);
+                                *o = -g[off + i];
+                            }
+                            super::simd::exp_inplace(o);
+                            for (i, o) in o.iter_mut().enumerate() {
+                                *o = d[off + i] * g[off + i] / (1.0 + *o);
                             }
                         };
                         let (body, tail) = du.split_at_mut(n - n % ROW);

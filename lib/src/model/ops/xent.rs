@@ -96,11 +96,7 @@ impl FusedXent {
                 let t = self.targets[r0 + i] as usize;
                 let zt = row[t];
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
-                let mut sum = 0f32;
-                for z in row.iter_mut() {
-                    *z = (*z - max).exp();
-                    sum += *z;
-                }
+                let sum = super::simd::exp_shifted_sum(row, max);
                 let inv = 1.0 / sum;
                 row.iter_mut().for_each(|z| *z *= inv);
                 // −log p_t = log Σ e^z − z_t
