@@ -8,7 +8,7 @@ use super::gemm::{Threads, sgemm};
 use super::{cpu_tensor, fusable, linear, slice_f32, tracked, with_f32};
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Label value that marks a position without a loss (prompt tokens, padding), as in PyTorch.
 pub const IGNORE_INDEX: i64 = -100;
@@ -74,15 +74,25 @@ pub fn lm_head_cross_entropy(hidden: &Tensor, w: &Tensor, labels: &[i64]) -> Res
         hidden.index_select(&Tensor::from_vec(rows, cnt, hidden.device())?, 0)?
     };
     if fusable(&sel) && w.dtype() == DType::F32 {
-        return sel.contiguous()?.apply_op2(&w.contiguous()?, FusedXent { targets: Arc::new(targets) })?.reshape(());
+        // Keep the probabilities for the backward pass when they fit the budget (saves one
+        // LM-head GEMM); otherwise recompute them chunk by chunk.
+        let keep = (tracked(&sel) || tracked(w)) && cnt * v * 4 <= KEEP_PROBS_BYTES;
+        let op = FusedXent { targets: Arc::new(targets), saved: Mutex::new(None), keep };
+        return sel.contiguous()?.apply_op2(&w.contiguous()?, op)?.reshape(());
     }
     let logits = linear(&sel, w)?;
     let all: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
     cross_entropy(&logits, &all)
 }
 
+/// Largest probability matrix kept between the forward and backward passes.
+const KEEP_PROBS_BYTES: usize = 512 << 20;
+
 struct FusedXent {
     targets: Arc<Vec<u32>>,
+    /// Softmax probabilities `[n, V]` from the forward pass, when `keep`.
+    saved: Mutex<Option<Vec<f32>>>,
+    keep: bool,
 }
 
 impl FusedXent {
@@ -117,11 +127,20 @@ impl CustomOp2 for FusedXent {
         let w = slice_f32("lm_head_cross_entropy", s2, l2)?;
         let (n, h) = l1.shape().dims2()?;
         let (v, _) = l2.shape().dims2()?;
-        let mut buf = vec![0f32; CHUNK.min(n) * v];
         let mut total = 0f64;
-        for r0 in (0..n).step_by(CHUNK) {
-            let c = CHUNK.min(n - r0);
-            total += self.chunk_probs(x, w, h, v, r0, c, &mut buf);
+        if self.keep {
+            let mut probs = vec![0f32; n * v];
+            for r0 in (0..n).step_by(CHUNK) {
+                let c = CHUNK.min(n - r0);
+                total += self.chunk_probs(x, w, h, v, r0, c, &mut probs[r0 * v..]);
+            }
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        } else {
+            let mut buf = vec![0f32; CHUNK.min(n) * v];
+            for r0 in (0..n).step_by(CHUNK) {
+                let c = CHUNK.min(n - r0);
+                total += self.chunk_probs(x, w, h, v, r0, c, &mut buf);
+            }
         }
         Ok((CpuStorage::F32(vec![(total / n as f64) as f32]), Shape::from(1)))
     }
@@ -136,19 +155,27 @@ impl CustomOp2 for FusedXent {
             with_f32(w, |w| {
                 let mut dx = vec![0f32; if need_x { n * h } else { 0 }];
                 let mut dw = vec![0f32; if need_w { v * h } else { 0 }];
-                let mut buf = vec![0f32; CHUNK.min(n) * v];
+                let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let mut buf = if saved.is_some() { Vec::new() } else { vec![0f32; CHUNK.min(n) * v] };
+                let mut saved = saved;
                 for r0 in (0..n).step_by(CHUNK) {
                     let c = CHUNK.min(n - r0);
-                    self.chunk_probs(x, w, h, v, r0, c, &mut buf);
+                    let buf: &mut [f32] = match saved.as_mut() {
+                        Some(p) => &mut p[r0 * v..(r0 + c) * v],
+                        None => {
+                            self.chunk_probs(x, w, h, v, r0, c, &mut buf);
+                            &mut buf[..]
+                        }
+                    };
                     buf[..c * v].par_chunks_mut(v).enumerate().for_each(|(i, row)| {
                         row[self.targets[r0 + i] as usize] -= 1.0;
                         row.iter_mut().for_each(|z| *z *= scale);
                     });
                     if need_x {
-                        sgemm(false, false, c, h, v, 1.0, &buf, v, w, h, 0.0, &mut dx[r0 * h..], h, Threads::All);
+                        sgemm(false, false, c, h, v, 1.0, buf, v, w, h, 0.0, &mut dx[r0 * h..], h, Threads::All);
                     }
                     if need_w {
-                        sgemm(true, false, v, h, c, 1.0, &buf, v, &x[r0 * h..], h, 1.0, &mut dw, h, Threads::All);
+                        sgemm(true, false, v, h, c, 1.0, buf, v, &x[r0 * h..], h, 1.0, &mut dw, h, Threads::All);
                     }
                 }
                 (dx, dw)
@@ -165,6 +192,21 @@ mod tests {
     use super::*;
     use crate::model::ops::gradcheck::{check_grads, rand_tensor};
     use candle_core::Device;
+
+    #[test]
+    fn recomputed_and_kept_probabilities_give_the_same_gradients() -> Result<()> {
+        let x = candle_core::Var::from_tensor(&rand_tensor(&[300, 6], 7)?)?;
+        let w = candle_core::Var::from_tensor(&rand_tensor(&[13, 6], 8)?)?;
+        let targets: Vec<u32> = (0..300).map(|i| (i * 5 % 13) as u32).collect();
+        let mut grads = Vec::new();
+        for keep in [false, true] {
+            let op = FusedXent { targets: Arc::new(targets.clone()), saved: Mutex::new(None), keep };
+            let g = x.as_tensor().apply_op2(w.as_tensor(), op)?.sum_all()?.backward()?;
+            grads.push((g.get(x.as_tensor()).unwrap().clone(), g.get(w.as_tensor()).unwrap().clone()));
+        }
+        crate::model::ops::gradcheck::assert_close(&grads[0].0, &grads[1].0, 1e-6, "dx")?;
+        crate::model::ops::gradcheck::assert_close(&grads[0].1, &grads[1].1, 1e-6, "dw")
+    }
 
     #[test]
     fn cross_entropy_matches_hand_computation() -> Result<()> {
