@@ -165,3 +165,55 @@ fn bench_decode_smollm2() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn smollm2_text_chat_streaming_and_stop_strings() -> Result<()> {
+    use tunebook::model::{FinishReason, Model};
+    let path = gguf_path();
+    if !path.is_file() {
+        eprintln!("SKIPPED smollm2_text_chat_streaming_and_stop_strings: {} is absent", path.display());
+        return Ok(());
+    }
+    let model = Model::load_on(path.to_str().unwrap(), &Device::Cpu, DType::F32)?;
+    let question = [ChatMessage::user("What is the capital of France?")];
+    assert_eq!(model.chat(&question)?, "The capital of France is Paris.");
+
+    let mut pieces = Vec::new();
+    let cfg = GenerationConfig { stop_strings: vec![" Paris".into()], ..GenerationConfig::greedy(32) };
+    let g = model.chat_with(&question, &cfg, |s| pieces.push(s.to_string()))?;
+    assert_eq!(g.text, "The capital of France is");
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    assert_eq!(pieces.concat(), g.text, "streamed pieces add up to the text");
+    assert!(pieces.len() > 1, "text arrives token by token");
+    assert!(!pieces.concat().contains("Paris"), "nothing of the stop string is streamed");
+
+    let g = model.generate_with("The capital of France is", &GenerationConfig::greedy(4), |_| {})?;
+    assert_eq!(g.ids.len(), 4);
+    assert_eq!(g.finish_reason, FinishReason::Length);
+    Ok(())
+}
+
+#[test]
+fn cli_generate_answers_and_reports_bad_models() -> Result<()> {
+    let exe = env!("CARGO_BIN_EXE_tunebook");
+    let missing = std::process::Command::new(exe)
+        .args(["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"])
+        .output()?;
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("/nonexistent/model.gguf") && err.contains("no such file"), "{err}");
+
+    let path = gguf_path();
+    if !path.is_file() {
+        eprintln!("SKIPPED the GGUF half of cli_generate_answers_and_reports_bad_models: {} is absent", path.display());
+        return Ok(());
+    }
+    let out = std::process::Command::new(exe)
+        .args(["generate", "--model", path.to_str().unwrap(), "--chat", "What is the capital of France?", "--max-tokens", "16"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "The capital of France is Paris.");
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(summary.contains("37 prompt tokens") && summary.contains("stop: Eos"), "{summary}");
+    Ok(())
+}
