@@ -407,4 +407,25 @@ mod speed {
             println!("gemv {threads:?}: {:.1} GB/s", gb / t.elapsed().as_secs_f64());
         }
     }
+
+    /// GEMM throughput on training shapes (`... gemm_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "benchmark"]
+    fn gemm_speed() {
+        println!("backend: {}", backend_name());
+        for &(m, k, n, ta, tb) in &[(1024, 576, 1536, false, true), (1024, 1536, 576, false, false), (1536, 576, 1024, true, false)] {
+            let a = vec![0.5f32; m * k];
+            let b = vec![0.25f32; k * n];
+            let mut c = vec![0f32; m * n];
+            let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+            sgemm(ta, tb, m, n, k, 1.0, &a, lda, &b, ldb, 0.0, &mut c, n, Threads::All);
+            let reps = 10;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                sgemm(ta, tb, m, n, k, 1.0, &a, lda, &b, ldb, 0.0, &mut c, n, Threads::All);
+            }
+            let gf = 2.0 * (m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!("{m}x{k}x{n} ta={ta} tb={tb}: {gf:.0} GFLOP/s");
+        }
+    }
 }
