@@ -19,14 +19,28 @@ pub fn next_seed() -> u64 {
 }
 
 #[inline]
-fn keep(seed: u64, i: usize, p: f32) -> bool {
-    // splitmix64 of (seed, index): a counter-based generator, so the backward pass can
+fn mix(seed: u64, i: u64) -> u64 {
+    // splitmix64 of (seed, counter): a counter-based generator, so the backward pass can
     // regenerate the forward pass's mask.
-    let mut z = seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 40) as f32 / (1u64 << 24) as f32) >= p
+    z ^ (z >> 31)
+}
+
+/// Multiplies `v[j]` (element `start + j` of the input) by the dropout factor: 0 with
+/// probability `p`, else `1/(1−p)`. Four 16-bit draws per hash; `start` must be a multiple of 4.
+fn apply_mask(seed: u64, p: f32, start: usize, v: &mut [f32]) {
+    debug_assert_eq!(start % 4, 0);
+    let threshold = (p * 65536.0).round() as u32;
+    let inv = 1.0 / (1.0 - p);
+    for (c, chunk) in v.chunks_mut(4).enumerate() {
+        let h = mix(seed, ((start / 4) + c) as u64);
+        for (j, x) in chunk.iter_mut().enumerate() {
+            let draw = ((h >> (16 * j)) & 0xFFFF) as u32;
+            *x = if draw >= threshold { *x * inv } else { 0.0 };
+        }
+    }
 }
 
 /// `x·Wᵀ + scale·(dropout_p(x)·Aᵀ)·Bᵀ` for `x` `[.., K]`, frozen `w` `[M, K]`, `a` `[r, K]`,
@@ -61,16 +75,15 @@ impl LoraOp {
         if self.p <= 0.0 {
             return None;
         }
-        let inv = 1.0 / (1.0 - self.p);
-        let mut out = vec![0f32; x.len()];
-        super::par_rows(&mut out, 4096.min(x.len().max(1)), |r, o| {
-            let base = r * 4096.min(x.len().max(1));
-            for (j, v) in o.iter_mut().enumerate() {
-                let i = base + j;
-                *v = if keep(self.seed, i, self.p) { x[i] * inv } else { 0.0 };
-            }
-        });
+        let mut out = x.to_vec();
+        self.mask_in_place(&mut out);
         Some(out)
+    }
+
+    /// Applies the dropout mask (and its 1/(1−p) scale) to a buffer shaped like the input.
+    fn mask_in_place(&self, v: &mut [f32]) {
+        const ROW: usize = 4096;
+        super::par_rows(v, ROW, |r, o| apply_mask(self.seed, self.p, r * ROW, o));
     }
 }
 
@@ -133,10 +146,7 @@ impl CustomOp3 for LoraOp {
                             let mut lo = vec![0f32; n * k];
                             sgemm(false, false, n, k, r, s, &gb, r, a, k, 0.0, &mut lo, k, Threads::All);
                             if self.p > 0.0 {
-                                let inv = 1.0 / (1.0 - self.p);
-                                for (i, v) in lo.iter_mut().enumerate() {
-                                    *v = if keep(self.seed, i, self.p) { *v * inv } else { 0.0 };
-                                }
+                                self.mask_in_place(&mut lo);
                             }
                             with_f32(&self.w, |w| sgemm(false, false, n, k, m, 1.0, g, m, w, k, 1.0, &mut lo, k, Threads::All))?;
                             Some(lo)
@@ -172,6 +182,18 @@ mod tests {
         assert_close(&fused, &composed, 1e-5, "lora fused vs composed")?;
         check_grads("lora_linear", &[x.clone(), a.clone(), b.clone()], |v| lora_linear(&v[0], &w, &v[1], &v[2], 1.5, 0.0, false))?;
         Ok(())
+    }
+
+    #[test]
+    fn dropout_drops_the_requested_fraction_and_rescales() {
+        let mut v = vec![1f32; 100_000];
+        apply_mask(42, 0.3, 0, &mut v);
+        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((dropped - 0.3).abs() < 0.01, "dropped {dropped}");
+        assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.7).abs() < 1e-6));
+        let mut w = vec![1f32; 100_000];
+        apply_mask(43, 0.3, 0, &mut w);
+        assert_ne!(v, w, "another seed, another mask");
     }
 
     #[test]
