@@ -157,18 +157,20 @@ struct Dims {
 }
 
 impl AttentionOp {
-    /// Scores for head `hh` of batch `bi` into `p` (`[Tq, Tk]`), masked and softmaxed.
-    fn probs(&self, dm: &Dims, q: &[f32], k: &[f32], bi: usize, hh: usize, p: &mut [f32]) {
+    /// Probabilities of query rows `i0..i1` of head `hh` in batch `bi` over keys `0..kn` into
+    /// `p` (`[i1 − i0, kn]`), masked and softmaxed. Keys past `kn` are masked for these rows.
+    #[allow(clippy::too_many_arguments)]
+    fn probs(&self, dm: &Dims, q: &[f32], k: &[f32], bi: usize, hh: usize, i0: usize, i1: usize, kn: usize, p: &mut [f32]) {
         let Dims { tq, tk, h, hkv, d, .. } = *dm;
         let kh = hh / (h / hkv);
-        let q0 = bi * tq * h * d + hh * d;
+        let q0 = bi * tq * h * d + hh * d + i0 * h * d;
         let k0 = bi * tk * hkv * d + kh * d;
         let off = tk - tq;
-        // Causal: query row i needs keys 0..=i+off only; compute all, mask after.
-        sgemm(false, true, tq, tk, d, self.scale, &q[q0..], h * d, &k[k0..], hkv * d, 0.0, p, tk, Threads::One);
-        for i in 0..tq {
-            let row = &mut p[i * tk..(i + 1) * tk];
-            let qpos = i + off;
+        let rows = i1 - i0;
+        sgemm(false, true, rows, kn, d, self.scale, &q[q0..], h * d, &k[k0..], hkv * d, 0.0, p, kn, Threads::One);
+        for r in 0..rows {
+            let row = &mut p[r * kn..(r + 1) * kn];
+            let qpos = i0 + r + off;
             let mut max = f32::NEG_INFINITY;
             for (j, s) in row.iter_mut().enumerate() {
                 if self.mask.allowed(bi, tk, qpos, j) {
@@ -185,6 +187,16 @@ impl AttentionOp {
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|s| *s *= inv);
         }
+    }
+
+    /// Query blocks `(i0, i1, kn)`: causality means rows `i0..i1` see at most keys `0..kn`.
+    fn blocks(dm: &Dims) -> impl Iterator<Item = (usize, usize, usize)> {
+        const QB: usize = 64;
+        let (tq, tk) = (dm.tq, dm.tk);
+        (0..tq).step_by(QB).map(move |i0| {
+            let i1 = (i0 + QB).min(tq);
+            (i0, i1, (i1 + tk - tq).min(tk))
+        })
     }
 
     fn for_each_kv_head(dm: &Dims, f: impl Fn(usize, usize) + Sync + Send) {
@@ -229,11 +241,13 @@ impl CustomOp3 for AttentionOp {
             let mut p = vec![0f32; tq * tk];
             // SAFETY: each (batch, kv head) task writes only the columns of its own heads.
             let out = unsafe { std::slice::from_raw_parts_mut({ outp }.0, out_len) };
+            let v0 = bi * tk * hkv * d + kh * d;
             for hh in kh * rep..(kh + 1) * rep {
-                self.probs(&dm, q, k, bi, hh, &mut p);
-                let o0 = bi * tq * h * d + hh * d;
-                let v0 = bi * tk * hkv * d + kh * d;
-                sgemm(false, false, tq, d, tk, 1.0, &p, tk, &v[v0..], hkv * d, 0.0, &mut out[o0..], h * d, Threads::One);
+                for (i0, i1, kn) in Self::blocks(&dm) {
+                    self.probs(&dm, q, k, bi, hh, i0, i1, kn, &mut p);
+                    let o0 = bi * tq * h * d + hh * d + i0 * h * d;
+                    sgemm(false, false, i1 - i0, d, kn, 1.0, &p, kn, &v[v0..], hkv * d, 0.0, &mut out[o0..], h * d, Threads::One);
+                }
             }
         });
         Ok((CpuStorage::F32(out), lq.shape().clone()))
@@ -287,25 +301,28 @@ impl AttentionOp {
             let mut dp = vec![0f32; tq * tk];
             let k0 = bi * tk * hkv * d + kh * d;
             for hh in kh * rep..(kh + 1) * rep {
-                let q0 = bi * tq * h * d + hh * d;
-                self.probs(dm, q, k, bi, hh, &mut p);
-                // dV += Pᵀ·dO
-                sgemm(true, false, tk, d, tq, 1.0, &p, tk, &g[q0..], h * d, 1.0, &mut dv[k0..], hkv * d, Threads::One);
-                // dP = dO·Vᵀ
-                sgemm(false, true, tq, tk, d, 1.0, &g[q0..], h * d, &v[k0..], hkv * d, 0.0, &mut dp, tk, Threads::One);
-                // dS = P ∘ (dP − rowsum(dO ∘ O))
-                for i in 0..tq {
-                    let oi = &o[q0 + i * h * d..q0 + i * h * d + d];
-                    let gi = &g[q0 + i * h * d..q0 + i * h * d + d];
-                    let di: f32 = oi.iter().zip(gi).map(|(a, b)| a * b).sum();
-                    for j in 0..tk {
-                        let idx = i * tk + j;
-                        dp[idx] = p[idx] * (dp[idx] - di);
+                for (i0, i1, kn) in Self::blocks(dm) {
+                    let rows = i1 - i0;
+                    let q0 = bi * tq * h * d + hh * d + i0 * h * d;
+                    self.probs(dm, q, k, bi, hh, i0, i1, kn, &mut p);
+                    // dV += Pᵀ·dO
+                    sgemm(true, false, kn, d, rows, 1.0, &p, kn, &g[q0..], h * d, 1.0, &mut dv[k0..], hkv * d, Threads::One);
+                    // dP = dO·Vᵀ
+                    sgemm(false, true, rows, kn, d, 1.0, &g[q0..], h * d, &v[k0..], hkv * d, 0.0, &mut dp, kn, Threads::One);
+                    // dS = P ∘ (dP − rowsum(dO ∘ O))
+                    for r in 0..rows {
+                        let o_r = &o[q0 + r * h * d..q0 + r * h * d + d];
+                        let g_r = &g[q0 + r * h * d..q0 + r * h * d + d];
+                        let di: f32 = o_r.iter().zip(g_r).map(|(a, b)| a * b).sum();
+                        for j in 0..kn {
+                            let idx = r * kn + j;
+                            dp[idx] = p[idx] * (dp[idx] - di);
+                        }
                     }
+                    // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
+                    sgemm(false, false, rows, d, kn, self.scale, &dp, kn, &k[k0..], hkv * d, 0.0, &mut dq[q0..], h * d, Threads::One);
+                    sgemm(true, false, kn, d, rows, self.scale, &dp, kn, &q[q0..], h * d, 1.0, &mut dk[k0..], hkv * d, Threads::One);
                 }
-                // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
-                sgemm(false, false, tq, d, tk, self.scale, &dp, tk, &k[k0..], hkv * d, 0.0, &mut dq[q0..], h * d, Threads::One);
-                sgemm(true, false, tk, d, tq, self.scale, &dp, tk, &q[q0..], h * d, 1.0, &mut dk[k0..], hkv * d, Threads::One);
             }
         });
         (dq, dk, dv)
@@ -346,6 +363,23 @@ mod tests {
             })?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn long_sequences_span_several_query_blocks() -> Result<()> {
+        // 150 queries: three causal blocks of rows; also 100 queries after 50 cached keys.
+        let q = rand_tensor(&[1, 150, 2, 4], 40)?;
+        let k = rand_tensor(&[1, 150, 1, 4], 41)?;
+        let v = rand_tensor(&[1, 150, 1, 4], 42)?;
+        let segs: Vec<u32> = (0..150).map(|i| (i / 70) as u32).collect();
+        for m in [AttentionMask::causal(), AttentionMask { segments: Some(Arc::new(segs)), sliding_window: Some(90) }] {
+            assert_close(&attention(&q, &k, &v, &m)?, &attention_composed(&q, &k, &v, &m)?, 1e-5, "150 tokens")?;
+            check_grads("attention 150 tokens", &[q.clone(), k.clone(), v.clone()], |t| attention(&t[0], &t[1], &t[2], &m))?;
+        }
+        let tail = q.narrow(1, 50, 100)?;
+        let m = AttentionMask::causal();
+        assert_close(&attention(&tail, &k, &v, &m)?, &attention_composed(&tail, &k, &v, &m)?, 1e-5, "after a cache")?;
+        check_grads("attention after a cache", &[tail, k, v], |t| attention(&t[0], &t[1], &t[2], &m))
     }
 
     #[test]
