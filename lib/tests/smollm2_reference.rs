@@ -217,3 +217,32 @@ fn cli_generate_answers_and_reports_bad_models() -> Result<()> {
     assert!(summary.contains("37 prompt tokens") && summary.contains("stop: Eos"), "{summary}");
     Ok(())
 }
+
+#[test]
+fn smollm2_saved_as_hugging_face_directory_reloads_identically() -> Result<()> {
+    use tunebook::model::Model;
+    let path = gguf_path();
+    if !path.is_file() {
+        eprintln!("SKIPPED smollm2_saved_as_hugging_face_directory_reloads_identically: {} is absent", path.display());
+        return Ok(());
+    }
+    let gguf = Model::load_on(path.to_str().unwrap(), &Device::Cpu, DType::F32)?;
+    let dir = tempfile::tempdir()?;
+    gguf.llama.save_pretrained(dir.path())?;
+    // Tokenizer files as Hugging Face keeps them.
+    let tok = HfTokenizer::from_gguf(&path)?;
+    tok.inner().save(dir.path().join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let md = tunebook::model::io::gguf_metadata(&path)?;
+    let template = md["tokenizer.chat_template"].to_string()?.clone();
+    let cfg = serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string())?;
+
+    let hf = Model::load_on(dir.path().to_str().unwrap(), &Device::Cpu, DType::F32)?;
+    assert!(hf.llama.config.tie_word_embeddings);
+    let ids = Tensor::new(&[[1u32, 9690, 198, 2683, 359, 253, 5356]], &Device::Cpu)?;
+    let a = gguf.llama.forward(&ids)?;
+    let b = hf.llama.forward(&ids)?;
+    assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?, "bit-identical logits");
+    assert_eq!(hf.chat(&[ChatMessage::user("What is the capital of France?")])?, "The capital of France is Paris.");
+    Ok(())
+}

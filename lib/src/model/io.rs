@@ -111,6 +111,11 @@ pub fn hf_cache_dir() -> PathBuf {
 /// (`org/name`, optionally `@revision`) found in the local hub cache. Nothing is downloaded:
 /// a missing file is an error that names it.
 pub fn resolve_model(spec: &str) -> Result<ModelSource> {
+    resolve_model_in(spec, &hf_cache_dir())
+}
+
+/// [`resolve_model`] against a given hub cache directory.
+pub fn resolve_model_in(spec: &str, cache: &Path) -> Result<ModelSource> {
     let p = Path::new(spec);
     if p.is_file() {
         if spec.ends_with(".gguf") {
@@ -131,7 +136,6 @@ pub fn resolve_model(spec: &str) -> Result<ModelSource> {
     if id.split('/').count() != 2 || id.split('/').any(|s| s.is_empty()) {
         bail!("{spec}: not a local path, and not a Hugging Face id of the form org/name");
     }
-    let cache = hf_cache_dir();
     let repo = cache.join(format!("models--{}", id.replace('/', "--")));
     let snapshot = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
         repo.join("snapshots").join(revision)

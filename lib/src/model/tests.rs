@@ -35,6 +35,26 @@ fn hf_directory_round_trip_keeps_logits() -> Result<()> {
 }
 
 #[test]
+fn hugging_face_ids_resolve_through_the_local_cache() -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    let repo = cache.path().join("models--tiny-org--tiny-llama");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs/main"), format!("{commit}\n"))?;
+    let snap = repo.join("snapshots").join(commit);
+    write_tiny_model(&snap, LlamaConfig::tiny(), 1)?;
+    let src = io::resolve_model_in("tiny-org/tiny-llama", cache.path())?;
+    assert_eq!(src, ModelSource::HfDir(snap.clone()));
+    assert_eq!(io::resolve_model_in(&format!("tiny-org/tiny-llama@{commit}"), cache.path())?, ModelSource::HfDir(snap.clone()));
+    let e = io::resolve_model_in("tiny-org/tiny-llama@v2", cache.path()).unwrap_err().to_string();
+    assert!(e.contains("refs/v2") && e.contains("cannot download"), "{e}");
+    std::fs::remove_file(snap.join("config.json"))?;
+    let e = io::resolve_model_in("tiny-org/tiny-llama", cache.path()).unwrap_err().to_string();
+    assert!(e.contains("config.json"), "{e}");
+    Ok(())
+}
+
+#[test]
 fn sharded_safetensors_and_qwen2_biases_load() -> Result<()> {
     let mut cfg = LlamaConfig::tiny();
     cfg.model_type = "qwen2".into();
