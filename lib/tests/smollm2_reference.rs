@@ -10,6 +10,16 @@ use serde_json::Value;
 use std::path::PathBuf;
 use tunebook::model::{ChatMessage, GenerationConfig, HfTokenizer, LlamaModel, TextTokenizer};
 
+/// The GGUF path, or `None` after printing why the test is skipped.
+fn gguf_or_skip(test: &str) -> Option<PathBuf> {
+    let path = gguf_path();
+    if path.is_file() {
+        return Some(path);
+    }
+    eprintln!("SKIPPED {test}: {} is absent (run scripts/setup.sh to download it)", path.display());
+    None
+}
+
 fn gguf_path() -> PathBuf {
     if let Some(p) = std::env::var_os("TUNEBOOK_SMOLLM2_GGUF") {
         return PathBuf::from(p);
@@ -20,14 +30,7 @@ fn gguf_path() -> PathBuf {
 
 #[test]
 fn smollm2_gguf_matches_transformers() -> Result<()> {
-    let path = gguf_path();
-    if !path.is_file() {
-        eprintln!(
-            "SKIPPED smollm2_gguf_matches_transformers: {} is absent (run scripts/setup.sh to download it)",
-            path.display()
-        );
-        return Ok(());
-    }
+    let Some(path) = gguf_or_skip("smollm2_gguf_matches_transformers") else { return Ok(()) };
     let reference: Value =
         serde_json::from_str(include_str!("data/smollm2_reference.json")).context("reference JSON")?;
     let model = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
@@ -84,11 +87,7 @@ fn peak_rss_mib() -> f64 {
 #[ignore = "benchmark: run by bench/lora_step.py"]
 fn bench_lora_step_smollm2() -> Result<()> {
     use tunebook::model::{LoraConfig, Packing, ops::profile};
-    let path = gguf_path();
-    if !path.is_file() {
-        eprintln!("SKIPPED: {} is absent", path.display());
-        return Ok(());
-    }
+    let Some(path) = gguf_or_skip("benchmark") else { return Ok(()) };
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (b, t, steps) = (env("BENCH_BATCH", 4), env("BENCH_SEQ", 256), env("BENCH_STEPS", 3));
     let mut model = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
@@ -146,11 +145,7 @@ fn bench_lora_step_smollm2() -> Result<()> {
 #[ignore = "benchmark"]
 fn bench_decode_smollm2() -> Result<()> {
     use tunebook::model::ops::profile;
-    let path = gguf_path();
-    if !path.is_file() {
-        eprintln!("SKIPPED: {} is absent", path.display());
-        return Ok(());
-    }
+    let Some(path) = gguf_or_skip("benchmark") else { return Ok(()) };
     let model = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
     let prompt: Vec<u32> = (0..40).map(|i| 100 + i * 7).collect();
     let cfg = GenerationConfig { ignore_eos: true, ..GenerationConfig::greedy(64) };
@@ -169,11 +164,7 @@ fn bench_decode_smollm2() -> Result<()> {
 #[test]
 fn smollm2_text_chat_streaming_and_stop_strings() -> Result<()> {
     use tunebook::model::{FinishReason, Model};
-    let path = gguf_path();
-    if !path.is_file() {
-        eprintln!("SKIPPED smollm2_text_chat_streaming_and_stop_strings: {} is absent", path.display());
-        return Ok(());
-    }
+    let Some(path) = gguf_or_skip("smollm2_text_chat_streaming_and_stop_strings") else { return Ok(()) };
     let model = Model::load_on(path.to_str().unwrap(), &Device::Cpu, DType::F32)?;
     let question = [ChatMessage::user("What is the capital of France?")];
     assert_eq!(model.chat(&question)?, "The capital of France is Paris.");
@@ -203,11 +194,7 @@ fn cli_generate_answers_and_reports_bad_models() -> Result<()> {
     let err = String::from_utf8_lossy(&missing.stderr);
     assert!(err.contains("/nonexistent/model.gguf") && err.contains("no such file"), "{err}");
 
-    let path = gguf_path();
-    if !path.is_file() {
-        eprintln!("SKIPPED the GGUF half of cli_generate_answers_and_reports_bad_models: {} is absent", path.display());
-        return Ok(());
-    }
+    let Some(path) = gguf_or_skip("the GGUF half of cli_generate_answers_and_reports_bad_models") else { return Ok(()) };
     let out = std::process::Command::new(exe)
         .args(["generate", "--model", path.to_str().unwrap(), "--chat", "What is the capital of France?", "--max-tokens", "16"])
         .output()?;
@@ -221,11 +208,7 @@ fn cli_generate_answers_and_reports_bad_models() -> Result<()> {
 #[test]
 fn smollm2_saved_as_hugging_face_directory_reloads_identically() -> Result<()> {
     use tunebook::model::Model;
-    let path = gguf_path();
-    if !path.is_file() {
-        eprintln!("SKIPPED smollm2_saved_as_hugging_face_directory_reloads_identically: {} is absent", path.display());
-        return Ok(());
-    }
+    let Some(path) = gguf_or_skip("smollm2_saved_as_hugging_face_directory_reloads_identically") else { return Ok(()) };
     let gguf = Model::load_on(path.to_str().unwrap(), &Device::Cpu, DType::F32)?;
     let dir = tempfile::tempdir()?;
     gguf.llama.save_pretrained(dir.path())?;
