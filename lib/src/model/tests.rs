@@ -446,3 +446,34 @@ fn bf16_model_runs_the_composed_path_and_stays_close_to_f32() -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes a tiny model, a trained-looking LoRA adapter, input ids and tunebook's logits to
+/// `$TUNEBOOK_EXPORT_DIR` for `lib/tests/data/check_peft_interop.py`, which loads them with
+/// transformers + PEFT and compares.
+#[test]
+#[ignore = "interop export: run by lib/tests/data/check_peft_interop.py"]
+fn export_tiny_lora_for_peft() -> Result<()> {
+    let Some(dir) = std::env::var_os("TUNEBOOK_EXPORT_DIR").map(std::path::PathBuf::from) else {
+        eprintln!("SKIPPED: set TUNEBOOK_EXPORT_DIR");
+        return Ok(());
+    };
+    let mut cfg = LlamaConfig::tiny();
+    cfg.tie_word_embeddings = true;
+    let mut m = write_tiny_model(&dir.join("base"), cfg, 21)?;
+    let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..LoraConfig::default() }.all_linear();
+    m.add_lora(&lcfg)?;
+    for layer in &m.layers {
+        for (_, lin) in layer.linears() {
+            let l = lin.lora.as_ref().unwrap();
+            l.b.set(&(crate::model::ops::gradcheck::rand_tensor(l.b.dims(), 17)? * 0.3)?)?;
+        }
+    }
+    m.save_lora(dir.join("adapter"), &lcfg, dir.join("base").to_str().unwrap())?;
+    let input: Vec<u32> = vec![1, 7, 19, 33, 2, 60, 41, 5];
+    let logits = m.forward(&ids(&input, 1)?)?.squeeze(0)?.to_vec2::<f32>()?;
+    m.merge_lora()?;
+    m.save_pretrained(dir.join("merged"))?;
+    let out = serde_json::json!({"input_ids": input, "logits": logits});
+    std::fs::write(dir.join("expected.json"), out.to_string())?;
+    Ok(())
+}
