@@ -211,15 +211,10 @@ fn smollm2_saved_as_hugging_face_directory_reloads_identically() -> Result<()> {
     let Some(path) = gguf_or_skip("smollm2_saved_as_hugging_face_directory_reloads_identically") else { return Ok(()) };
     let gguf = Model::load_on(path.to_str().unwrap(), &Device::Cpu, DType::F32)?;
     let dir = tempfile::tempdir()?;
-    gguf.llama.save_pretrained(dir.path())?;
-    // Tokenizer files as Hugging Face keeps them.
-    let tok = HfTokenizer::from_gguf(&path)?;
-    tok.inner().save(dir.path().join("tokenizer.json"), false).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let md = tunebook::model::io::gguf_metadata(&path)?;
-    let template = md["tokenizer.chat_template"].to_string()?.clone();
-    let cfg = serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": "<|im_start|>"});
-    std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string())?;
-
+    gguf.save_pretrained(dir.path())?;
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(dir.path().join(f).is_file(), "{f} written");
+    }
     let hf = Model::load_on(dir.path().to_str().unwrap(), &Device::Cpu, DType::F32)?;
     assert!(hf.llama.config.tie_word_embeddings);
     let ids = Tensor::new(&[[1u32, 9690, 198, 2683, 359, 253, 5356]], &Device::Cpu)?;
@@ -227,5 +222,9 @@ fn smollm2_saved_as_hugging_face_directory_reloads_identically() -> Result<()> {
     let b = hf.llama.forward(&ids)?;
     assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?, "bit-identical logits");
     assert_eq!(hf.chat(&[ChatMessage::user("What is the capital of France?")])?, "The capital of France is Paris.");
+    // Saving again from the directory copies its tokenizer files verbatim.
+    let again = tempfile::tempdir()?;
+    hf.save_pretrained(again.path())?;
+    assert_eq!(std::fs::read(dir.path().join("tokenizer.json"))?, std::fs::read(again.path().join("tokenizer.json"))?);
     Ok(())
 }

@@ -337,6 +337,31 @@ impl Model {
         Self { llama, tokenizer, source: None, generation: GenerationConfig::default() }
     }
 
+    /// Saves the model in Hugging Face layout: weights and `config.json` (see
+    /// [`LlamaModel::save_pretrained`]), the tokenizer files, and `generation_config.json`
+    /// with the EOS ids. transformers, vLLM and [`Model::load`] read the result.
+    pub fn save_pretrained(&self, dir: impl AsRef<std::path::Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        if self.llama.has_lora() {
+            bail!("the model carries LoRA adapters: merge them (llama.merge_lora()) or save them with llama.save_lora()");
+        }
+        self.llama.save_pretrained(dir)?;
+        if let Some(t) = &self.tokenizer {
+            t.save_hf_files(dir)?;
+        }
+        if !dir.join("generation_config.json").is_file() {
+            let mut eos = self.llama.config.eos_token_ids.clone();
+            if let Some(t) = &self.tokenizer {
+                eos.extend(t.eos_token_ids());
+            }
+            eos.sort_unstable();
+            eos.dedup();
+            let g = serde_json::json!({"bos_token_id": self.llama.config.bos_token_id, "eos_token_id": eos, "do_sample": false});
+            super::io::atomic_write(&dir.join("generation_config.json"), serde_json::to_string_pretty(&g)?.as_bytes())?;
+        }
+        Ok(())
+    }
+
     fn tok(&self) -> Result<&dyn TextTokenizer> {
         self.tokenizer
             .as_deref()

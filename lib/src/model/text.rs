@@ -50,6 +50,11 @@ pub trait TextTokenizer: Send + Sync {
     fn eos_token_ids(&self) -> Vec<u32>;
     /// Renders `messages` with the model's chat template (Hugging Face semantics).
     fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String>;
+    /// Writes the Hugging Face tokenizer files (`tokenizer.json`, `tokenizer_config.json`)
+    /// into a model directory.
+    fn save_hf_files(&self, dir: &Path) -> Result<()> {
+        bail!("this tokenizer cannot write Hugging Face tokenizer files into {}", dir.display())
+    }
 }
 
 /// A `tokenizers::Tokenizer` plus the chat template and special tokens from
@@ -60,7 +65,19 @@ pub struct HfTokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     eos_ids: Vec<u32>,
+    /// The directory it was read from: its files are copied verbatim on save.
+    source_dir: Option<std::path::PathBuf>,
 }
+
+/// Tokenizer files of a Hugging Face model directory, copied when a model is saved.
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+];
 
 impl std::fmt::Debug for HfTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -123,7 +140,7 @@ impl HfTokenizer {
         }
         eos_ids.sort();
         eos_ids.dedup();
-        Ok(Self { tokenizer, chat_template, bos_token, eos_token, eos_ids })
+        Ok(Self { tokenizer, chat_template, bos_token, eos_token, eos_ids, source_dir: Some(dir.to_path_buf()) })
     }
 
     /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
@@ -190,7 +207,14 @@ impl HfTokenizer {
             eos_ids.push(e);
         }
         eos_ids.dedup();
-        Ok(Self { tokenizer, chat_template: s("tokenizer.chat_template"), bos_token: name(bos), eos_token: name(eos), eos_ids })
+        Ok(Self {
+            tokenizer,
+            chat_template: s("tokenizer.chat_template"),
+            bos_token: name(bos),
+            eos_token: name(eos),
+            eos_ids,
+            source_dir: None,
+        })
     }
 
     /// Reads the tokenizer of a GGUF file.
@@ -243,5 +267,35 @@ impl TextTokenizer for HfTokenizer {
             })
             .map_err(|e| anyhow!("rendering the chat template: {e}"))?;
         Ok(out)
+    }
+
+    fn save_hf_files(&self, dir: &Path) -> Result<()> {
+        use super::io::atomic_write;
+        if let Some(src) = &self.source_dir {
+            if src != dir {
+                for f in TOKENIZER_FILES {
+                    let p = src.join(f);
+                    if p.is_file() {
+                        atomic_write(&dir.join(f), &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?)?;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let json = self.tokenizer.to_string(false).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        atomic_write(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let mut cfg = serde_json::Map::new();
+        cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
+        if let Some(t) = &self.chat_template {
+            cfg.insert("chat_template".into(), json!(t));
+        }
+        if let Some(t) = &self.bos_token {
+            cfg.insert("bos_token".into(), json!(t));
+        }
+        if let Some(t) = &self.eos_token {
+            cfg.insert("eos_token".into(), json!(t));
+        }
+        atomic_write(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&Value::Object(cfg))?.as_bytes())?;
+        Ok(())
     }
 }
