@@ -154,7 +154,9 @@ pub fn sgemm(
     }
     // Small per-head products run single-threaded inside the caller's parallel loop:
     // the gemm crate without threads is right there; BLAS takes the large ones.
-    if let (Threads::All, Some(bl)) = (threads, blas()) {
+    // Thin products (a LoRA rank as one dimension) run better on the gemm crate.
+    let thin = m.min(n).min(k) <= 32;
+    if let (Threads::All, false, Some(bl)) = (threads, thin, blas()) {
         const ROW_MAJOR: i32 = 101;
         const NO_TRANS: i32 = 111;
         const TRANS: i32 = 112;
@@ -413,7 +415,17 @@ mod speed {
     #[ignore = "benchmark"]
     fn gemm_speed() {
         println!("backend: {}", backend_name());
-        for &(m, k, n, ta, tb) in &[(1024, 576, 1536, false, true), (1024, 1536, 576, false, false), (1536, 576, 1024, true, false)] {
+        for &(m, k, n, ta, tb) in &[
+            (1024, 576, 1536, false, true),
+            (1024, 1536, 576, false, false),
+            (1536, 576, 1024, true, false),
+            // LoRA's thin products (r = 16)
+            (1024, 576, 16, false, true),
+            (16, 1024, 576, true, false),
+            (1024, 16, 1536, false, true),
+            (1536, 1024, 16, true, false),
+            (1024, 16, 576, false, false),
+        ] {
             let a = vec![0.5f32; m * k];
             let b = vec![0.25f32; k * n];
             let mut c = vec![0f32; m * n];

@@ -58,7 +58,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, d
         let base = super::linear(x, w)?;
         return base + (super::linear(&super::linear(&xd, a)?, b)? * scale)?;
     }
-    let op = LoraOp { w: w.contiguous()?, scale: scale as f32, p, seed: next_seed() };
+    let op = LoraOp { w: w.contiguous()?, scale: scale as f32, p, seed: next_seed(), t: std::sync::Mutex::new(None) };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
@@ -67,6 +67,8 @@ struct LoraOp {
     scale: f32,
     p: f32,
     seed: u64,
+    /// `dropout(x)·Aᵀ` (`[N, r]`, small) from the forward pass, reused by the backward pass.
+    t: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl LoraOp {
@@ -107,6 +109,7 @@ impl CustomOp3 for LoraOp {
         let mut t = vec![0f32; n * r];
         sgemm(false, true, n, r, k, 1.0, xd, k, a, k, 0.0, &mut t, r, Threads::All);
         sgemm(false, true, n, m, r, self.scale, &t, r, b, r, 1.0, &mut out, m, Threads::All);
+        *self.t.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         Ok((CpuStorage::F32(out), out_shape))
     }
 
@@ -128,9 +131,15 @@ impl CustomOp3 for LoraOp {
                         let mut gb = vec![0f32; n * r];
                         sgemm(false, false, n, r, m, 1.0, g, m, b, r, 0.0, &mut gb, r, Threads::All);
                         let db = need_b.then(|| {
-                            // dB = s·gᵀ·t, t = xd·Aᵀ
-                            let mut t = vec![0f32; n * r];
-                            sgemm(false, true, n, r, k, 1.0, xd, k, a, k, 0.0, &mut t, r, Threads::All);
+                            // dB = s·gᵀ·t, t = xd·Aᵀ (kept from the forward pass when A is unchanged)
+                            let t = match self.t.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                                Some(t) if t.len() == n * r => t,
+                                _ => {
+                                    let mut t = vec![0f32; n * r];
+                                    sgemm(false, true, n, r, k, 1.0, xd, k, a, k, 0.0, &mut t, r, Threads::All);
+                                    t
+                                }
+                            };
                             let mut db = vec![0f32; m * r];
                             sgemm(true, false, m, r, n, s, g, m, &t, r, 0.0, &mut db, r, Threads::All);
                             db
