@@ -115,12 +115,16 @@ impl PackedWeight {
             _ => "packed q4 matvec",
         });
         let mut y = vec![0f32; self.rows];
+        // Σx over each block of 32: the offset term of every row's blocks is m·Σx.
+        let sx: Vec<f32> = x.chunks(QK).map(|c| c.iter().sum()).collect();
         let run = |r0: usize, ys: &mut [f32]| {
             for (i, yv) in ys.iter_mut().enumerate() {
-                *yv = self.row_dot(r0 + i, x);
+                *yv = self.row_dot(r0 + i, x, &sx);
             }
         };
-        if num_threads() <= 1 || self.rows * self.cols < 1 << 16 {
+        // A layer's matrices take ~100 µs on one core: waking a second core costs more than it
+        // saves when that core is busy. Only the large LM head is split.
+        if num_threads() <= 1 || self.rows * self.cols < 1 << 22 {
             run(0, &mut y);
         } else {
             // One contiguous share per thread: the rows stream from memory.
@@ -130,13 +134,13 @@ impl PackedWeight {
         y
     }
 
-    fn row_dot(&self, r: usize, x: &[f32]) -> f32 {
+    fn row_dot(&self, r: usize, x: &[f32], sx: &[f32]) -> f32 {
         let nb = self.cols / QK;
         let bs = r * nb..(r + 1) * nb;
         match &self.data {
             Data::Bf16(v) => dot_bf16(&v[r * self.cols..(r + 1) * self.cols], x),
-            Data::Q4_1 { qs, d, m } => dot_q4(&qs[bs.start * 16..bs.end * 16], &d[bs.clone()], Some(&m[bs]), x),
-            Data::Q4_0 { qs, d } => dot_q4(&qs[bs.start * 16..bs.end * 16], &d[bs], None, x),
+            Data::Q4_1 { qs, d, m } => dot_q4(&qs[bs.start * 16..bs.end * 16], &d[bs.clone()], Some(&m[bs]), x, sx),
+            Data::Q4_0 { qs, d } => dot_q4(&qs[bs.start * 16..bs.end * 16], &d[bs], None, x, sx),
             Data::Q8_0 { qs, d } => dot_q8(&qs[bs.start * 32..bs.end * 32], &d[bs], x),
         }
     }
@@ -149,61 +153,64 @@ impl PackedWeight {
             for c in 0..self.cols {
                 unit.iter_mut().for_each(|u| *u = 0.0);
                 unit[c] = 1.0;
-                out.push(self.row_dot(r, &unit));
+                let sx: Vec<f32> = unit.chunks(QK).map(|c| c.iter().sum()).collect();
+                out.push(self.row_dot(r, &unit, &sx));
             }
         }
         out
     }
 }
 
-/// Σ w·x over blocks of nibbles, w = q·d + m (Q4_1) or (q − 8)·d (Q4_0), each weight computed
-/// as candle's dequantiser does (a product, then a sum: no fused multiply-add).
-fn dot_q4(qs: &[u8], d: &[f32], m: Option<&[f32]>, x: &[f32]) -> f32 {
+/// Σ w·x over blocks of nibbles, w = q·d + m (Q4_1) or (q − 8)·d (Q4_0), computed as
+/// Σ_b d_b·(Σ q·x) + m_b·(Σ x): the same weights, one rounding order among others.
+fn dot_q4(qs: &[u8], d: &[f32], m: Option<&[f32]>, x: &[f32], sx: &[f32]) -> f32 {
+    // Offset term: m_b·Σx_b (Q4_1) or −8·d_b·Σx_b (Q4_0).
+    let offset: f32 = match m {
+        Some(m) => m.iter().zip(sx).map(|(a, b)| a * b).sum(),
+        None => d.iter().zip(sx).map(|(a, b)| -8.0 * a * b).sum(),
+    };
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present (checked above).
-        return unsafe { dot_q4_avx512(qs, d, m, x) };
+        return unsafe { dot_q4_avx512(qs, d, x) } + offset;
     }
     let mut acc = [0f32; QK];
     for (b, &db) in d.iter().enumerate() {
         for j in 0..QK / 2 {
             let q = qs[b * 16 + j];
-            let (lo, hi) = match m {
-                Some(m) => (((q & 0x0F) as f32) * db + m[b], ((q >> 4) as f32) * db + m[b]),
-                None => ((((q & 0x0F) as i16 - 8) as f32) * db, (((q >> 4) as i16 - 8) as f32) * db),
-            };
-            acc[j] += lo * x[b * QK + j];
-            acc[j + 16] += hi * x[b * QK + j + 16];
+            acc[j] += db * ((q & 0x0F) as f32 * x[b * QK + j]);
+            acc[j + 16] += db * ((q >> 4) as f32 * x[b * QK + j + 16]);
         }
     }
-    acc.iter().sum()
+    acc.iter().sum::<f32>() + offset
 }
 
+/// Σ_b d_b·Σ_j q_bj·x_bj over blocks of nibbles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], m: Option<&[f32]>, x: &[f32]) -> f32 {
+unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let mut acc0 = _mm512_setzero_ps();
     let mut acc1 = _mm512_setzero_ps();
     let mask = _mm512_set1_epi32(0x0F);
-    let eight = _mm512_set1_ps(8.0);
     // SAFETY: block b reads qs[16b..16b+16] and x[32b..32b+32], in bounds by construction.
     unsafe {
         for b in 0..d.len() {
+            // The rows stream from memory: ask for the blocks a few iterations ahead (one
+            // cache line of nibbles per 4 blocks, of scales per 16).
+            if b % 4 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(qs.as_ptr().wrapping_add((b + 32) * 16) as *const i8);
+            }
+            if b % 16 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(d.as_ptr().wrapping_add(b + 64) as *const i8);
+            }
             let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i));
             let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, mask));
             let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
             let db = _mm512_set1_ps(*d.get_unchecked(b));
-            let (w0, w1) = match m {
-                Some(m) => {
-                    let mb = _mm512_set1_ps(*m.get_unchecked(b));
-                    (_mm512_add_ps(_mm512_mul_ps(lo, db), mb), _mm512_add_ps(_mm512_mul_ps(hi, db), mb))
-                }
-                None => (_mm512_mul_ps(_mm512_sub_ps(lo, eight), db), _mm512_mul_ps(_mm512_sub_ps(hi, eight), db)),
-            };
             let xp = x.as_ptr().add(b * QK);
-            acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc0);
-            acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc1);
+            acc0 = _mm512_fmadd_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(xp)), db, acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(xp.add(16))), db, acc1);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
     }
@@ -234,6 +241,12 @@ unsafe fn dot_q8_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     // SAFETY: block b reads qs[32b..32b+32] and x[32b..32b+32], in bounds by construction.
     unsafe {
         for b in 0..d.len() {
+            if b % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(qs.as_ptr().wrapping_add((b + 32) * QK) as *const i8);
+            }
+            if b % 16 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(d.as_ptr().wrapping_add(b + 64) as *const i8);
+            }
             let p = qs.as_ptr().add(b * QK);
             let db = _mm512_set1_ps(*d.get_unchecked(b));
             let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))), db);
@@ -346,11 +359,12 @@ mod speed {
                 std::hint::black_box(p.matvec(&x));
             }
             let el = s.elapsed().as_secs_f64();
+            let sx: Vec<f32> = x.chunks(QK).map(|c| c.iter().sum()).collect();
             let s1 = std::time::Instant::now();
             for _ in 0..n {
                 let mut y = vec![0f32; rows];
                 for (r, v) in y.iter_mut().enumerate() {
-                    *v = p.row_dot(r, &x);
+                    *v = p.row_dot(r, &x, &sx);
                 }
                 std::hint::black_box(y);
             }
