@@ -118,8 +118,17 @@ impl PackedWeight {
         // Σx over each block of 32: the offset term of every row's blocks is m·Σx.
         let sx: Vec<f32> = x.chunks(QK).map(|c| c.iter().sum()).collect();
         let run = |r0: usize, ys: &mut [f32]| {
-            for (i, yv) in ys.iter_mut().enumerate() {
-                *yv = self.row_dot(r0 + i, x, &sx);
+            let mut i = 0;
+            // Four rows at a time share the loads of x and hide each other's latencies.
+            while i + 4 <= ys.len() {
+                match self.rows4(r0 + i, x, &sx) {
+                    Some(v) => ys[i..i + 4].copy_from_slice(&v),
+                    None => break,
+                }
+                i += 4;
+            }
+            for (j, yv) in ys.iter_mut().enumerate().skip(i) {
+                *yv = self.row_dot(r0 + j, x, &sx);
             }
         };
         // A layer's matrices take ~100 µs on one core: waking a second core costs more than it
@@ -132,6 +141,32 @@ impl PackedWeight {
             y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| run(ci * chunk, ys));
         }
         y
+    }
+
+    /// Rows `r..r+4` of a Q4 matrix with the 4-row kernel; `None` where it does not apply.
+    fn rows4(&self, r: usize, x: &[f32], sx: &[f32]) -> Option<[f32; 4]> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            let nb = self.cols / QK;
+            let bs = r * nb..(r + 4) * nb;
+            let (qs, d, m) = match &self.data {
+                Data::Q4_1 { qs, d, m } => (qs, d, Some(m)),
+                Data::Q4_0 { qs, d } => (qs, d, None),
+                _ => return None,
+            };
+            // SAFETY: AVX-512F is present; the four rows lie inside the matrix.
+            let mut v = unsafe { dot_q4_avx512_rows4(&qs[bs.start * 16..bs.end * 16], &d[bs.clone()], nb, x) };
+            for (i, vi) in v.iter_mut().enumerate() {
+                let rb = (r + i) * nb..(r + i + 1) * nb;
+                *vi += match m {
+                    Some(m) => m[rb].iter().zip(sx).map(|(a, b)| a * b).sum::<f32>(),
+                    None => d[rb].iter().zip(sx).map(|(a, b)| -8.0 * a * b).sum::<f32>(),
+                };
+            }
+            return Some(v);
+        }
+        let _ = (r, x, sx);
+        None
     }
 
     fn row_dot(&self, r: usize, x: &[f32], sx: &[f32]) -> f32 {
@@ -213,6 +248,35 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
             acc1 = _mm512_fmadd_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(xp.add(16))), db, acc1);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+}
+
+/// [`dot_q4_avx512`] for four consecutive rows of `nb` blocks each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_q4_avx512_rows4(qs: &[u8], d: &[f32], nb: usize, x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let mask = _mm512_set1_epi32(0x0F);
+    // SAFETY: row i, block b reads qs[16(i·nb+b)..+16], d[i·nb+b] and x[32b..32b+32], all in bounds.
+    unsafe {
+        for b in 0..nb {
+            let xp = x.as_ptr().add(b * QK);
+            let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let blk = i * nb + b;
+                if b % 4 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(qs.as_ptr().wrapping_add((blk + 4 * nb) * 16) as *const i8);
+                }
+                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr().add(blk * 16) as *const __m128i));
+                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, mask));
+                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+                let db = _mm512_set1_ps(*d.get_unchecked(blk));
+                a[0] = _mm512_fmadd_ps(_mm512_mul_ps(lo, x0), db, a[0]);
+                a[1] = _mm512_fmadd_ps(_mm512_mul_ps(hi, x1), db, a[1]);
+            }
+        }
+        acc.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])))
     }
 }
 
