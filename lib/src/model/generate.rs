@@ -202,7 +202,10 @@ impl<'a> TokenStream<'a> {
         }
         let input = self.next_input.take().unwrap_or_default();
         let ids = Tensor::from_vec(input.clone(), (1, input.len()), self.model.device())?;
-        let logits = self.model.forward_cached(&ids, &mut self.cache)?;
+        let (model, cache) = (self.model, &mut self.cache);
+        // Run the step on a worker of the CPU thread pool: the kernels' parallel loops then
+        // start without waking a thread for every matrix.
+        let logits = rayon::scope(|_| model.forward_cached(&ids, cache))?;
         let logits = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let tok = self.sampler.sample(&logits, &self.context);
         self.produced += 1;

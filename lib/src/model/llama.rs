@@ -423,7 +423,14 @@ impl LlamaModel {
         let x = (x + self.project(&a.o_proj, &att, train)?)?;
         let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
         let m = &layer.mlp;
-        let act = ops::swiglu(&self.project(&m.gate_proj, &h, train)?, &self.project(&m.up_proj, &h, train)?)?;
+        // A decode step (one row) runs the two largest projections side by side.
+        let (gate, up) = if !train && h.elem_count() == h.dim(D::Minus1)? {
+            let (g, u) = rayon::join(|| self.project(&m.gate_proj, &h, train), || self.project(&m.up_proj, &h, train));
+            (g?, u?)
+        } else {
+            (self.project(&m.gate_proj, &h, train)?, self.project(&m.up_proj, &h, train)?)
+        };
+        let act = ops::swiglu(&gate, &up)?;
         Ok((&x + self.project(&m.down_proj, &act, train)?)?)
     }
 

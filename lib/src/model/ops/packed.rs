@@ -137,7 +137,7 @@ impl PackedWeight {
             run(0, &mut y);
         } else {
             // One contiguous share per thread: the rows stream from memory.
-            let chunk = self.rows.div_ceil(num_threads()).max(16);
+            let chunk = self.rows.div_ceil(num_threads()).div_ceil(4) * 4;
             y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| run(ci * chunk, ys));
         }
         y
