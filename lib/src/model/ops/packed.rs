@@ -3,10 +3,11 @@
 //! A decode step multiplies one row by every weight matrix: it is bound by memory
 //! traffic, not arithmetic. When a weight's exact values have a compact form (the
 //! blocks of a Q4_0 / Q4_1 / Q8_0 GGUF tensor, or bf16 from a bf16 checkpoint) this
-//! keeps that form and expands each value on the fly to the very f32 the dense tensor
-//! holds (`q·d + m`, computed as candle's dequantiser does), then multiplies in f32.
-//! The result equals the dense f32 product up to summation order, while reading 3–6×
-//! fewer bytes. Used only for untracked single-row inputs on frozen weights.
+//! keeps that form and computes with exactly the values the dense f32 tensor holds
+//! (`q·d + m` per block, as candle's dequantiser defines them), in f32. Q4 blocks are
+//! summed as `d·Σq·x + m·Σx`: the same products grouped differently, so results equal the
+//! dense f32 product up to rounding order, while 3–6× fewer bytes are read. Used only for
+//! untracked single-row inputs on frozen weights.
 
 use super::gemm::num_threads;
 use anyhow::{Result, bail};
