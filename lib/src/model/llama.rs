@@ -450,9 +450,17 @@ impl LlamaModel {
     /// position `t` predicts `labels[t + 1]`. The `[tokens, vocab]` logits are never
     /// materialised on the CPU.
     pub fn loss(&self, input_ids: &Tensor, labels: &[i64], packing: &Packing, train: bool) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+        let (b, t) = input_ids.dims2().context("input_ids must be [batch, seq]")?;
+        if t == 0 {
+            bail!("loss: the sequence is empty");
+        }
         if labels.len() != b * t {
             bail!("loss: {} labels for a batch of {b}×{t}", labels.len());
+        }
+        if let Some(s) = &packing.segment_ids {
+            if s.len() != b * t {
+                bail!("packing: {} segment ids for a batch of {b}×{t}", s.len());
+            }
         }
         let mut shifted = vec![ops::IGNORE_INDEX; b * t];
         for bi in 0..b {

@@ -100,6 +100,14 @@ fn missing_and_misshapen_tensors_are_named() -> Result<()> {
     assert!(e.contains("models--no-such-org--no-such-model"), "{e}");
     let x = ids(&[1, 64], 1)?;
     assert!(m.forward(&x).unwrap_err().to_string().contains("outside the vocabulary"));
+    let empty = Tensor::zeros((1, 0), DType::U32, &Device::Cpu)?;
+    assert!(m.loss(&empty, &[], &Packing::default(), false).unwrap_err().to_string().contains("empty"));
+    assert!(m.forward(&empty).unwrap_err().to_string().contains("empty"));
+    let x = ids(&[1, 2, 3], 1)?;
+    let bad = Packing { positions: None, segment_ids: Some(vec![0, 0]) };
+    assert!(m.loss(&x, &[1, 2, 3], &bad, false).unwrap_err().to_string().contains("segment ids"));
+    assert!(m.loss(&x, &[1, 2], &Packing::default(), false).unwrap_err().to_string().contains("labels"));
+    assert!(m.generate_ids(&[], &GenerationConfig::greedy(3)).unwrap_err().to_string().contains("no tokens"));
     Ok(())
 }
 
