@@ -7,11 +7,14 @@ set -euo pipefail
 cd "$ROOT"
 step() { printf '\n== %s\n' "$*"; }
 
-step "system packages (mold, lld, unzip)"
+step "system packages (mold, lld, unzip, OpenBLAS)"
 missing=()
 command -v mold >/dev/null || missing+=(mold)
 command -v ld.lld >/dev/null || missing+=(lld)
 command -v unzip >/dev/null || missing+=(unzip)
+# OpenBLAS is loaded at run time by the model engine's CPU GEMM (optional: without it
+# the gemm crate is used, about 2x slower).
+[ -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 ] || missing+=(libopenblas0-pthread)
 if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

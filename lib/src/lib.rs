@@ -9,6 +9,7 @@
 pub mod data;
 pub mod display;
 pub mod interrupt;
+pub mod model;
 pub mod tokenize;
 
 /// The library version, as logged in run tags.
@@ -24,6 +25,9 @@ pub mod prelude {
         ChatLoss, Columns, Dataset, DeltaVersion, PackOptions, PrepareOptions, Task, ValidationReport, WriteMode,
     };
     pub use crate::interrupt;
+    pub use crate::model::{
+        ChatMessage, GenerationConfig, LlamaConfig, LlamaModel, LoraConfig, Model, Packing, TextTokenizer, default_device,
+    };
     pub use crate::tokenize::{Message, Tokenizer};
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;

@@ -1,0 +1,379 @@
+//! The decoder's configuration, read from a Hugging Face `config.json` or GGUF metadata.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Map, Value, json};
+
+/// How rotary frequencies are scaled for long contexts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1+ frequency-dependent scaling.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    /// Positions divided by `factor`.
+    Linear { factor: f64 },
+}
+
+/// One configuration for the whole Llama family: Llama 2/3.x, Mistral, Qwen2, SmolLM2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`.
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Fewer than `num_attention_heads` for grouped-query attention.
+    pub num_key_value_heads: usize,
+    /// Per-head size when it is not `hidden_size / num_attention_heads`.
+    pub head_dim_override: Option<usize>,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    /// The LM head reuses the token embedding (SmolLM2, small Llama 3.2, Qwen2 0.5B).
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v projections (Qwen2 always; Llama when `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Mistral-style sliding-window attention.
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    /// Generation stops on any of these.
+    pub eos_token_ids: Vec<u32>,
+    /// Everything else from `config.json`, written back unchanged on save.
+    pub extra: Map<String, Value>,
+}
+
+impl LlamaConfig {
+    /// Per-head size.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim_override.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// A tiny Llama for unit tests: 2 layers, hidden 32, 4 heads over 2 KV heads, vocab 64.
+    pub fn tiny() -> Self {
+        Self {
+            model_type: "llama".into(),
+            vocab_size: 64,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim_override: None,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 512,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            extra: Map::new(),
+        }
+    }
+
+    /// Checks the shapes add up; the error says which field is wrong.
+    pub fn validate(&self) -> Result<()> {
+        let nonzero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                bail!("model config: {name} must be positive");
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                "model config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if self.head_dim_override.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            bail!("model config: hidden_size ({}) is not divisible by num_attention_heads ({}) and no head_dim is given", self.hidden_size, self.num_attention_heads);
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!("model config: head_dim {} must be even for rotary embeddings", self.head_dim());
+        }
+        Ok(())
+    }
+
+    /// Parses a Hugging Face `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
+        let Value::Object(map) = v else { bail!("config.json must be a JSON object") };
+        Self::from_hf_map(map)
+    }
+
+    fn from_hf_map(map: Map<String, Value>) -> Result<Self> {
+        let get = |k: &str| map.get(k).filter(|v| !v.is_null());
+        let need = |k: &str| -> Result<usize> {
+            get(k)
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| anyhow!("config.json: missing or non-integer field `{k}`"))
+        };
+        let model_type = get("model_type").and_then(Value::as_str).unwrap_or("llama").to_string();
+        if !["llama", "mistral", "qwen2"].contains(&model_type.as_str()) {
+            bail!("config.json: model_type `{model_type}` is not supported (supported: llama, mistral, qwen2)");
+        }
+        if let Some(act) = get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                bail!("config.json: hidden_act `{act}` is not supported (only silu)");
+            }
+        }
+        let heads = need("num_attention_heads")?;
+        let rope_scaling = match get("rope_scaling") {
+            None => None,
+            Some(rs) => parse_rope_scaling(rs)?,
+        };
+        let attention_bias = get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        let qwen = model_type == "qwen2";
+        let use_sw = get("use_sliding_window").and_then(Value::as_bool);
+        let sliding_window = match (model_type.as_str(), use_sw) {
+            ("qwen2", Some(true)) | ("mistral", _) => get("sliding_window").and_then(Value::as_u64).map(|v| v as usize),
+            _ => None,
+        };
+        let eos_token_ids = match get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+            _ => vec![],
+        };
+        let known = [
+            "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+            "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "bos_token_id",
+            "eos_token_id", "hidden_act",
+        ];
+        let extra = map.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let cfg = Self {
+            vocab_size: need("vocab_size")?,
+            hidden_size: need("hidden_size")?,
+            intermediate_size: need("intermediate_size")?,
+            num_hidden_layers: need("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: get("num_key_value_heads").and_then(Value::as_u64).map(|v| v as usize).unwrap_or(heads),
+            head_dim_override: get("head_dim").and_then(Value::as_u64).map(|v| v as usize),
+            rms_norm_eps: get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rope_theta: get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(2048) as usize,
+            tie_word_embeddings: get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            qkv_bias: qwen || attention_bias,
+            o_bias: !qwen && attention_bias,
+            mlp_bias: get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
+            sliding_window,
+            bos_token_id: get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
+            eos_token_ids,
+            extra,
+            model_type,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The `config.json` Hugging Face writes for this model.
+    pub fn to_hf_json(&self) -> Value {
+        let mut m = self.extra.clone();
+        let arch = match self.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        m.entry("architectures").or_insert_with(|| json!([arch]));
+        let mut set = |k: &str, v: Value| {
+            m.insert(k.to_string(), v);
+        };
+        set("model_type", json!(self.model_type));
+        set("vocab_size", json!(self.vocab_size));
+        set("hidden_size", json!(self.hidden_size));
+        set("intermediate_size", json!(self.intermediate_size));
+        set("num_hidden_layers", json!(self.num_hidden_layers));
+        set("num_attention_heads", json!(self.num_attention_heads));
+        set("num_key_value_heads", json!(self.num_key_value_heads));
+        if let Some(d) = self.head_dim_override {
+            set("head_dim", json!(d));
+        }
+        set("hidden_act", json!("silu"));
+        set("rms_norm_eps", json!(self.rms_norm_eps));
+        set("rope_theta", json!(self.rope_theta));
+        set(
+            "rope_scaling",
+            match &self.rope_scaling {
+                None => Value::Null,
+                Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
+                Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
+            },
+        );
+        set("max_position_embeddings", json!(self.max_position_embeddings));
+        set("tie_word_embeddings", json!(self.tie_word_embeddings));
+        if self.model_type != "qwen2" {
+            set("attention_bias", json!(self.qkv_bias));
+            set("mlp_bias", json!(self.mlp_bias));
+        }
+        if let Some(w) = self.sliding_window {
+            set("sliding_window", json!(w));
+            if self.model_type == "qwen2" {
+                set("use_sliding_window", json!(true));
+            }
+        }
+        if let Some(b) = self.bos_token_id {
+            set("bos_token_id", json!(b));
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => set("eos_token_id", json!(one)),
+            many => set("eos_token_id", json!(many)),
+        }
+        Value::Object(m)
+    }
+
+    /// Reads the configuration from GGUF metadata (`general.architecture` `llama` or `qwen2`).
+    pub fn from_gguf(md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>) -> Result<Self> {
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| anyhow!("GGUF: metadata `general.architecture` is missing"))?;
+        if arch != "llama" && arch != "qwen2" {
+            bail!("GGUF: architecture `{arch}` is not supported (supported: llama, qwen2)");
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let int = |k: &str| -> Result<usize> {
+            md.get(&key(k))
+                .ok_or_else(|| anyhow!("GGUF: metadata `{}` is missing", key(k)))?
+                .to_u64()
+                .map(|v| v as usize)
+                .map_err(|e| anyhow!("GGUF: metadata `{}`: {e}", key(k)))
+        };
+        let float = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok()).map(|v| v as f64);
+        let heads = int("attention.head_count")?;
+        let hidden = int("embedding_length")?;
+        let vocab = match md.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()) {
+            Some(t) => t.len(),
+            None => int("vocab_size")?,
+        };
+        let head_dim = md.get(&key("attention.key_length")).and_then(|v| v.to_u64().ok()).map(|v| v as usize);
+        let rope_scaling = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).map(|s| s.as_str()) {
+            Some("linear") => Some(RopeScaling::Linear { factor: float("rope.scaling.factor").unwrap_or(1.0) }),
+            _ => None,
+        };
+        let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
+        let cfg = Self {
+            model_type: arch.clone(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: int("feed_forward_length")?,
+            num_hidden_layers: int("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: int("attention.head_count_kv").unwrap_or(heads),
+            head_dim_override: head_dim.filter(|&d| d != hidden / heads),
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: float("rope.freq_base").unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: int("context_length").unwrap_or(2048),
+            tie_word_embeddings: false, // decided by the presence of `output.weight`
+            qkv_bias: arch == "qwen2",
+            o_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            bos_token_id: id("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            extra: Map::new(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn parse_rope_scaling(v: &Value) -> Result<Option<RopeScaling>> {
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let f = |k: &str| -> Result<f64> {
+        v.get(k).and_then(Value::as_f64).ok_or_else(|| anyhow!("config.json: rope_scaling `{kind}` needs a number `{k}`"))
+    };
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: f("factor")? }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: f("factor")?,
+            low_freq_factor: f("low_freq_factor")?,
+            high_freq_factor: f("high_freq_factor")?,
+            original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
+        }),
+        other => bail!("config.json: rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llama3_qwen2_and_mistral_configs() -> Result<()> {
+        let llama = LlamaConfig::from_hf_json(
+            r#"{"model_type":"llama","vocab_size":128256,"hidden_size":2048,"intermediate_size":8192,
+            "num_hidden_layers":16,"num_attention_heads":32,"num_key_value_heads":8,"rms_norm_eps":1e-5,
+            "rope_theta":500000.0,"rope_scaling":{"factor":32.0,"high_freq_factor":4.0,"low_freq_factor":1.0,
+            "original_max_position_embeddings":8192,"rope_type":"llama3"},"tie_word_embeddings":true,
+            "eos_token_id":[128001,128008,128009],"torch_dtype":"bfloat16","head_dim":64}"#,
+        )?;
+        assert_eq!(llama.num_key_value_heads, 8);
+        assert!(llama.tie_word_embeddings);
+        assert_eq!(llama.eos_token_ids, vec![128001, 128008, 128009]);
+        assert!(matches!(llama.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 32.0));
+        assert_eq!(llama.extra.get("torch_dtype").and_then(Value::as_str), Some("bfloat16"));
+        let round = LlamaConfig::from_hf_json(&llama.to_hf_json().to_string())?;
+        let mut expected = llama.clone();
+        expected.extra.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        assert_eq!(round, expected);
+
+        let qwen = LlamaConfig::from_hf_json(
+            r#"{"model_type":"qwen2","vocab_size":151936,"hidden_size":896,"intermediate_size":4864,
+            "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,"sliding_window":32768,
+            "use_sliding_window":false,"eos_token_id":151643}"#,
+        )?;
+        assert!(qwen.qkv_bias && !qwen.o_bias && qwen.sliding_window.is_none());
+        let mistral = LlamaConfig::from_hf_json(
+            r#"{"model_type":"mistral","vocab_size":32000,"hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8,"sliding_window":4096}"#,
+        )?;
+        assert_eq!(mistral.sliding_window, Some(4096));
+        assert!(!mistral.qkv_bias);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let e = LlamaConfig::from_hf_json(r#"{"model_type":"gpt2"}"#).unwrap_err().to_string();
+        assert!(e.contains("gpt2"), "{e}");
+        let e = LlamaConfig::from_hf_json(r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("num_attention_heads"), "{e}");
+        let e = LlamaConfig::from_hf_json(
+            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":3,"num_key_value_heads":2}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("multiple"), "{e}");
+        let e = LlamaConfig::from_hf_json(
+            r#"{"vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,"rope_scaling":{"rope_type":"yarn","factor":4}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("yarn"), "{e}");
+    }
+}

@@ -1,0 +1,541 @@
+//! The Llama-family decoder: full-sequence forward for training, cached forward for generation.
+
+use super::config::LlamaConfig;
+use super::lora::LoraAdapter;
+use super::ops::{self, AttentionMask, RopeTable, packed::PackedWeight};
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Device, Tensor, TensorId, Var};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A projection `y = x·Wᵀ (+ b) (+ LoRA)`. `weight` is a plain tensor when frozen and a
+/// `Var`'s tensor when trained in full.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `[out, in]`, Hugging Face layout.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// A low-rank adapter added to the output, if any.
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// A projection without bias or adapter.
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight, bias: None, lora: None }
+    }
+
+    /// Applies the projection; `train` enables LoRA dropout.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = match &self.lora {
+            Some(l) if !self.weight.is_variable() => {
+                ops::lora_linear(x, &self.weight, l.a.as_tensor(), l.b.as_tensor(), l.scale, l.dropout, train)?
+            }
+            Some(l) => (ops::linear(x, &self.weight)? + l.forward(x, train)?)?,
+            None => ops::linear(x, &self.weight)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+
+    /// Input and output sizes.
+    pub fn in_out(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[1], d[0])
+    }
+}
+
+/// Attention projections of one layer.
+#[derive(Clone, Debug)]
+pub struct SelfAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+/// The SwiGLU MLP of one layer.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// One decoder block.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: Tensor,
+    pub self_attn: SelfAttention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// Keys and values of past tokens, one entry per layer (`[B, T, Hkv·D]`), for generation.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// How the tokens of a batch are laid out: positions restart at 0 in every packed
+/// sequence, and tokens attend only within their segment.
+#[derive(Clone, Debug, Default)]
+pub struct Packing {
+    /// Position of every token, `[B, T]` row-major; `None` means `0..T` in each row.
+    pub positions: Option<Vec<u32>>,
+    /// Segment id of every token, `[B, T]` row-major; `None` means one sequence per row.
+    pub segment_ids: Option<Vec<u32>>,
+}
+
+impl Packing {
+    /// Derives positions from segment ids (restarting at each change of id).
+    pub fn from_segments(segment_ids: Vec<u32>, batch: usize, seq: usize) -> Result<Self> {
+        if segment_ids.len() != batch * seq {
+            bail!("packing: {} segment ids for a batch of {batch}×{seq}", segment_ids.len());
+        }
+        let mut positions = vec![0u32; batch * seq];
+        for b in 0..batch {
+            for t in 1..seq {
+                let i = b * seq + t;
+                positions[i] = if segment_ids[i] == segment_ids[i - 1] { positions[i - 1] + 1 } else { 0 };
+            }
+        }
+        Ok(Self { positions: Some(positions), segment_ids: Some(segment_ids) })
+    }
+}
+
+/// A Llama-family causal language model (Llama 2/3.x, Mistral, Qwen2, SmolLM2).
+///
+/// Tensor names follow Hugging Face (`model.layers.{i}.self_attn.q_proj.weight`, ...). The
+/// training path ([`forward`](Self::forward), [`loss`](Self::loss)) keeps no state between
+/// calls; generation passes an explicit [`KvCache`].
+#[derive(Clone, Debug)]
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    rope: RopeTable,
+    device: Device,
+    dtype: DType,
+    /// Compact exact copies of frozen weights for decoding, keyed by the dense tensor they
+    /// mirror (a weight replaced or made trainable has a new id and is no longer mirrored).
+    packed: Arc<HashMap<TensorId, Arc<PackedWeight>>>,
+}
+
+impl LlamaModel {
+    /// Builds the model from Hugging Face-named tensors supplied by `get` (which returns
+    /// `None` for a missing name). Every shape is checked against the config.
+    pub fn from_tensors(
+        config: LlamaConfig,
+        device: &Device,
+        dtype: DType,
+        mut get: impl FnMut(&str) -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let (nh, nkv, d) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim());
+        let mut load = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = get(name)?.with_context(|| format!("weights: tensor `{name}` is missing (expected shape {shape:?})"))?;
+            if t.dims() != shape {
+                bail!("weights: tensor `{name}` has shape {:?}, expected {shape:?} from the config", t.dims());
+            }
+            Ok(t.to_device(device)?.to_dtype(dtype)?)
+        };
+        let embed_tokens = load("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                let weight = load(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let bias = if bias { Some(load(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+                Ok(Linear { weight, bias, lora: None })
+            };
+            let self_attn = SelfAttention {
+                q_proj: lin("self_attn.q_proj", nh * d, h, config.qkv_bias)?,
+                k_proj: lin("self_attn.k_proj", nkv * d, h, config.qkv_bias)?,
+                v_proj: lin("self_attn.v_proj", nkv * d, h, config.qkv_bias)?,
+                o_proj: lin("self_attn.o_proj", h, nh * d, config.o_bias)?,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", i, h, config.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", i, h, config.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", h, i, config.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: load(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn,
+                post_attention_layernorm: load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp,
+            });
+        }
+        let norm = load("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[v, h])?) };
+        let rope = RopeTable::new(&config);
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype, packed: Arc::new(HashMap::new()) })
+    }
+
+    /// Registers compact decode copies for the tensors named (Hugging Face names).
+    pub(crate) fn set_packed(&mut self, by_name: HashMap<String, PackedWeight>) {
+        let mut map = HashMap::new();
+        for (name, t) in self.named_tensors() {
+            if let Some(p) = by_name.get(&name) {
+                if p.dims() == (t.dims()[0], t.dims().get(1).copied().unwrap_or(0)) {
+                    map.insert(t.id(), Arc::new(p.clone()));
+                }
+            }
+        }
+        self.packed = Arc::new(map);
+    }
+
+    /// How many weights have a compact decode copy.
+    pub fn packed_count(&self) -> usize {
+        self.packed.len()
+    }
+
+    /// `x·Wᵀ` through the compact copy of `w` when `x` is one untracked f32 CPU row and `w` is
+    /// frozen and mirrored; `None` otherwise.
+    fn packed_matvec(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        if w.is_variable() || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let k = x.dim(D::Minus1)?;
+        if x.elem_count() != k {
+            return Ok(None);
+        }
+        let Some(p) = self.packed.get(&w.id()) else { return Ok(None) };
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let y = p.matvec(&xs);
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap() = y.len();
+        Ok(Some(Tensor::from_vec(y, dims, &Device::Cpu)?))
+    }
+
+    /// A projection, using the compact decode copy when it applies.
+    fn project(&self, lin: &Linear, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            if let Some(mut y) = self.packed_matvec(x, &lin.weight)? {
+                if let Some(b) = &lin.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                if let Some(l) = &lin.lora {
+                    y = (y + l.forward(x, false)?)?;
+                }
+                return Ok(y);
+            }
+        }
+        lin.forward(x, train)
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The LM head weight (the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Every base tensor with its Hugging Face name (LoRA adapters excluded).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), layer.input_layernorm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.clone()));
+            for (name, lin) in layer.linears() {
+                out.push((format!("{p}.{name}.weight"), lin.weight.clone()));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.{name}.bias"), b.clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(w) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), w.clone()));
+        }
+        out
+    }
+
+    /// Calls `f` with every base tensor and its Hugging Face name, allowing replacement.
+    pub fn visit_tensors_mut(&mut self, mut f: impl FnMut(&str, &mut Tensor) -> Result<()>) -> Result<()> {
+        f("model.embed_tokens.weight", &mut self.embed_tokens)?;
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{l}");
+            f(&format!("{p}.input_layernorm.weight"), &mut layer.input_layernorm)?;
+            f(&format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
+            for (name, lin) in layer.linears_mut() {
+                f(&format!("{p}.{name}.weight"), &mut lin.weight)?;
+                if let Some(b) = &mut lin.bias {
+                    f(&format!("{p}.{name}.bias"), b)?;
+                }
+            }
+        }
+        f("model.norm.weight", &mut self.norm)?;
+        if let Some(w) = &mut self.lm_head {
+            f("lm_head.weight", w)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every base weight trainable (full fine-tuning): each becomes a `Var`.
+    pub fn unfreeze_all(&mut self) -> Result<()> {
+        self.visit_tensors_mut(|_, t| {
+            *t = Var::from_tensor(t)?.as_tensor().clone();
+            Ok(())
+        })
+    }
+
+    /// Freezes every base weight (plain tensors: no gradient is computed or stored for them).
+    pub fn freeze_all(&mut self) -> Result<()> {
+        self.visit_tensors_mut(|_, t| {
+            if t.is_variable() {
+                *t = t.detach();
+            }
+            Ok(())
+        })
+    }
+
+    /// Every trainable parameter (base weights made trainable and LoRA matrices) with its
+    /// name: Hugging Face names for base weights, PEFT names (`…q_proj.lora_A.weight`) for adapters.
+    pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
+        let mut out = Vec::new();
+        for (name, t) in self.named_tensors() {
+            if t.is_variable() {
+                out.push((name, Var::from_tensor(&t)?));
+            }
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (name, lin) in layer.linears() {
+                if let Some(lora) = &lin.lora {
+                    let p = format!("model.layers.{l}.{name}");
+                    out.push((format!("{p}.lora_A.weight"), lora.a.clone()));
+                    out.push((format!("{p}.lora_B.weight"), lora.b.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Number of parameters (base weights, tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        self.named_tensors().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
+    fn check_ids(&self, input_ids: &Tensor) -> Result<(usize, usize, Tensor)> {
+        let (b, t) = input_ids.dims2().context("input_ids must be [batch, seq]")?;
+        if t == 0 {
+            bail!("input_ids: the sequence is empty");
+        }
+        let ids = input_ids.to_dtype(DType::U32)?;
+        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= self.config.vocab_size {
+            bail!("input_ids: token id {max} is outside the vocabulary (size {})", self.config.vocab_size);
+        }
+        Ok((b, t, ids.to_device(&self.device)?))
+    }
+
+    /// Final hidden states `[B, T, H]` (after the last norm) for `input_ids` `[B, T]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, packing: &Packing, train: bool) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            ops::tune_allocator();
+        }
+        let (b, t, ids) = self.check_ids(input_ids)?;
+        let default_pos;
+        let positions = match &packing.positions {
+            Some(p) => p.as_slice(),
+            None => {
+                default_pos = (0..b).flat_map(|_| 0..t as u32).collect::<Vec<_>>();
+                default_pos.as_slice()
+            }
+        };
+        let rope = self.rope.at(positions, b, t)?;
+        if let Some(s) = &packing.segment_ids {
+            if s.len() != b * t {
+                bail!("packing: {} segment ids for a batch of {b}×{t}", s.len());
+            }
+        }
+        let mask = AttentionMask {
+            segments: packing.segment_ids.as_ref().map(|s| Arc::new(s.clone())),
+            sliding_window: self.config.sliding_window,
+        };
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &rope, &mask, None, train)?;
+        }
+        Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        rope: &ops::Rope,
+        mask: &AttentionMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let d = c.head_dim();
+        let eps = c.rms_norm_eps;
+        let h = ops::rms_norm(x, &layer.input_layernorm, eps)?;
+        let a = &layer.self_attn;
+        // [B, T, heads·D] throughout: rope and attention read the heads from the layout.
+        let q = rope.apply(&self.project(&a.q_proj, &h, train)?)?;
+        let mut k = rope.apply(&self.project(&a.k_proj, &h, train)?)?;
+        let mut v = self.project(&a.v_proj, &h, train)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let att = ops::attention_flat(&q, &k, &v, d, mask)?;
+        let x = (x + self.project(&a.o_proj, &att, train)?)?;
+        let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+        let m = &layer.mlp;
+        // A decode step (one row) runs the two largest projections side by side.
+        let (gate, up) = if !train && h.elem_count() == h.dim(D::Minus1)? {
+            let (g, u) = rayon::join(|| self.project(&m.gate_proj, &h, train), || self.project(&m.up_proj, &h, train));
+            (g?, u?)
+        } else {
+            (self.project(&m.gate_proj, &h, train)?, self.project(&m.up_proj, &h, train)?)
+        };
+        let act = ops::swiglu(&gate, &up)?;
+        Ok((&x + self.project(&m.down_proj, &act, train)?)?)
+    }
+
+    /// Logits `[B, T, V]` for every position of `input_ids` `[B, T]` (u32 token ids).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_packed(input_ids, &Packing::default(), false)
+    }
+
+    /// Logits `[B, T, V]` with explicit positions / segments; `train` enables dropout.
+    pub fn forward_packed(&self, input_ids: &Tensor, packing: &Packing, train: bool) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, packing, train)?;
+        Ok(ops::linear(&h, self.lm_head_weight())?)
+    }
+
+    /// Mean next-token cross-entropy, Hugging Face semantics: `labels` (`[B, T]`, same
+    /// layout as `input_ids`, [`ops::IGNORE_INDEX`] to skip) are shifted inside, so
+    /// position `t` predicts `labels[t + 1]`. The `[tokens, vocab]` logits are never
+    /// materialised on the CPU.
+    pub fn loss(&self, input_ids: &Tensor, labels: &[i64], packing: &Packing, train: bool) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2().context("input_ids must be [batch, seq]")?;
+        if t == 0 {
+            bail!("loss: the sequence is empty");
+        }
+        if labels.len() != b * t {
+            bail!("loss: {} labels for a batch of {b}×{t}", labels.len());
+        }
+        if let Some(s) = &packing.segment_ids {
+            if s.len() != b * t {
+                bail!("packing: {} segment ids for a batch of {b}×{t}", s.len());
+            }
+        }
+        let mut shifted = vec![ops::IGNORE_INDEX; b * t];
+        for bi in 0..b {
+            for ti in 0..t - 1 {
+                let next = labels[bi * t + ti + 1];
+                // A packed sequence's last token does not predict the next sequence's first.
+                let same = packing.segment_ids.as_ref().is_none_or(|s| s[bi * t + ti] == s[bi * t + ti + 1]);
+                if same {
+                    shifted[bi * t + ti] = next;
+                }
+            }
+        }
+        let h = self.hidden_states(input_ids, packing, train)?.reshape((b * t, self.config.hidden_size))?;
+        Ok(ops::lm_head_cross_entropy(&h, self.lm_head_weight(), &shifted)?)
+    }
+
+    /// Runs `input_ids` (`[B, T]`) after the tokens already in `cache`, appends their keys and
+    /// values, and returns the logits of the last position, `[B, V]`.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t, ids) = self.check_ids(input_ids)?;
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+            cache.len = 0;
+        }
+        let off = cache.len as u32;
+        let positions: Vec<u32> = (0..b).flat_map(|_| off..off + t as u32).collect();
+        let rope = self.rope.at(&positions, b, t)?;
+        let mask = AttentionMask { segments: None, sliding_window: self.config.sliding_window };
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = self.layer_forward(layer, &x, &rope, &mask, Some(slot), false)?;
+        }
+        cache.len += t;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        if b == 1 {
+            if let Some(y) = self.packed_matvec(&last, self.lm_head_weight())? {
+                return Ok(y);
+            }
+        }
+        Ok(ops::linear(&last, self.lm_head_weight())?)
+    }
+
+    /// Log-probabilities `[B, T, V]` (convenience for evaluation; materialises all logits).
+    pub fn log_probs(&self, input_ids: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::log_softmax(&self.forward(input_ids)?, D::Minus1)?)
+    }
+}
+
+impl DecoderLayer {
+    /// The seven projections with their Hugging Face sub-names (`self_attn.q_proj`, ...).
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    /// The seven projections, mutable.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let SelfAttention { q_proj, k_proj, v_proj, o_proj } = &mut self.self_attn;
+        let Mlp { gate_proj, up_proj, down_proj } = &mut self.mlp;
+        [
+            ("self_attn.q_proj", q_proj),
+            ("self_attn.k_proj", k_proj),
+            ("self_attn.v_proj", v_proj),
+            ("self_attn.o_proj", o_proj),
+            ("mlp.gate_proj", gate_proj),
+            ("mlp.up_proj", up_proj),
+            ("mlp.down_proj", down_proj),
+        ]
+    }
+}

@@ -1,0 +1,231 @@
+//! `y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ` as one fused CPU op for a frozen `W`.
+//!
+//! Composed from candle ops, a LoRA projection is about ten graph nodes (a random tensor,
+//! a comparison, a cast and two products for dropout, two thin GEMMs, a scale and an add),
+//! each with its own buffers and gradient bookkeeping. Here it is one node: the dropout
+//! mask is regenerated from a seed in the backward pass instead of being stored, and
+//! the small `[N, r]` intermediate is recomputed.
+
+use super::gemm::{Threads, sgemm};
+use super::{cpu_tensor, fusable, slice_f32, tracked, with_f32};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NEXT_SEED: AtomicU64 = AtomicU64::new(0x5EED);
+
+/// A fresh dropout seed (a process-wide counter, so every call draws a new mask).
+pub fn next_seed() -> u64 {
+    NEXT_SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+}
+
+#[inline]
+fn mix(seed: u64, i: u64) -> u64 {
+    // splitmix64 of (seed, counter): a counter-based generator, so the backward pass can
+    // regenerate the forward pass's mask.
+    let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Multiplies `v[j]` (element `start + j` of the input) by the dropout factor: 0 with
+/// probability `p`, else `1/(1−p)`. Four 16-bit draws per hash; `start` must be a multiple of 4.
+fn apply_mask(seed: u64, p: f32, start: usize, v: &mut [f32]) {
+    debug_assert_eq!(start % 4, 0);
+    let threshold = (p * 65536.0).round() as u32;
+    let inv = 1.0 / (1.0 - p);
+    for (c, chunk) in v.chunks_mut(4).enumerate() {
+        let h = mix(seed, ((start / 4) + c) as u64);
+        for (j, x) in chunk.iter_mut().enumerate() {
+            let draw = ((h >> (16 * j)) & 0xFFFF) as u32;
+            *x = if draw >= threshold { *x * inv } else { 0.0 };
+        }
+    }
+}
+
+/// `x·Wᵀ + scale·(dropout_p(x)·Aᵀ)·Bᵀ` for `x` `[.., K]`, frozen `w` `[M, K]`, `a` `[r, K]`,
+/// `b` `[M, r]`; dropout only when `train`. Differentiable in `x`, `a` and `b` (never `w`:
+/// callers use it only for frozen base weights). Falls back to composed ops off the CPU.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, dropout: f32, train: bool) -> Result<Tensor> {
+    let p = if train { dropout } else { 0.0 };
+    let (m, k) = w.dims2()?;
+    let (r, ka) = a.dims2()?;
+    if ka != k || b.dims() != [m, r] || x.dim(candle_core::D::Minus1)? != k {
+        candle_core::bail!("lora_linear: x {:?}, W {:?}, A {:?}, B {:?} do not fit together", x.dims(), w.dims(), a.dims(), b.dims());
+    }
+    if !(fusable(x) && w.dtype() == DType::F32 && a.dtype() == DType::F32 && !tracked(w)) {
+        let xd = if p > 0.0 { candle_nn::ops::dropout(x, p)? } else { x.clone() };
+        let base = super::linear(x, w)?;
+        return base + (super::linear(&super::linear(&xd, a)?, b)? * scale)?;
+    }
+    let op = LoraOp { w: w.contiguous()?, scale: scale as f32, p, seed: next_seed(), t: std::sync::Mutex::new(None) };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
+
+struct LoraOp {
+    w: Tensor,
+    scale: f32,
+    p: f32,
+    seed: u64,
+    /// `dropout(x)·Aᵀ` (`[N, r]`, small) from the forward pass, reused by the backward pass.
+    t: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl LoraOp {
+    /// `dropout(x)`, or `None` without dropout.
+    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
+        if self.p <= 0.0 {
+            return None;
+        }
+        let mut out = x.to_vec();
+        self.mask_in_place(&mut out);
+        Some(out)
+    }
+
+    /// Applies the dropout mask (and its 1/(1−p) scale) to a buffer shaped like the input.
+    fn mask_in_place(&self, v: &mut [f32]) {
+        const ROW: usize = 4096;
+        super::par_rows(v, ROW, |r, o| apply_mask(self.seed, self.p, r * ROW, o));
+    }
+}
+
+impl CustomOp3 for LoraOp {
+    fn name(&self) -> &'static str {
+        "tunebook-lora-linear"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sa: &CpuStorage, la: &Layout, sb: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _t = super::profile::timer("lora linear fwd");
+        let x = slice_f32("lora_linear", sx, lx)?;
+        let a = slice_f32("lora_linear", sa, la)?;
+        let b = slice_f32("lora_linear", sb, lb)?;
+        let (r, _) = la.shape().dims2()?;
+        let m = lb.shape().dims()[0];
+        let (n, k, out_shape) = super::linear::rows_and_out(lx, m)?;
+        let mut out = vec![0f32; n * m];
+        with_f32(&self.w, |w| sgemm(false, true, n, m, k, 1.0, x, k, w, k, 0.0, &mut out, m, Threads::All))?;
+        let xd = self.dropped(x);
+        let xd = xd.as_deref().unwrap_or(x);
+        let mut t = vec![0f32; n * r];
+        sgemm(false, true, n, r, k, 1.0, xd, k, a, k, 0.0, &mut t, r, Threads::All);
+        sgemm(false, true, n, m, r, self.scale, &t, r, b, r, 1.0, &mut out, m, Threads::All);
+        *self.t.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        Ok((CpuStorage::F32(out), out_shape))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = super::profile::timer("lora linear bwd");
+        let (r, k) = a.dims2()?;
+        let (m, _) = b.dims2()?;
+        let n = x.elem_count() / k;
+        let s = self.scale;
+        let (need_x, need_a, need_b) = (tracked(x), tracked(a), tracked(b));
+        let g = g.to_dtype(DType::F32)?;
+        let (dx, da, db) = with_f32(x, |x| {
+            with_f32(a, |a| {
+                with_f32(b, |b| {
+                    with_f32(&g, |g| {
+                        let xd_own = self.dropped(x);
+                        let xd = xd_own.as_deref().unwrap_or(x);
+                        // gB = g·B  [n, r]
+                        let mut gb = vec![0f32; n * r];
+                        sgemm(false, false, n, r, m, 1.0, g, m, b, r, 0.0, &mut gb, r, Threads::All);
+                        let db = need_b.then(|| {
+                            // dB = s·gᵀ·t, t = xd·Aᵀ (kept from the forward pass when A is unchanged)
+                            let t = match self.t.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                                Some(t) if t.len() == n * r => t,
+                                _ => {
+                                    let mut t = vec![0f32; n * r];
+                                    sgemm(false, true, n, r, k, 1.0, xd, k, a, k, 0.0, &mut t, r, Threads::All);
+                                    t
+                                }
+                            };
+                            let mut db = vec![0f32; m * r];
+                            sgemm(true, false, m, r, n, s, g, m, &t, r, 0.0, &mut db, r, Threads::All);
+                            db
+                        });
+                        let da = need_a.then(|| {
+                            // dA = s·gBᵀ·xd
+                            let mut da = vec![0f32; r * k];
+                            sgemm(true, false, r, k, n, s, &gb, r, xd, k, 0.0, &mut da, k, Threads::All);
+                            da
+                        });
+                        let dx = if need_x {
+                            // dx = g·W + s·dropout'(gB·A)
+                            let mut lo = vec![0f32; n * k];
+                            sgemm(false, false, n, k, r, s, &gb, r, a, k, 0.0, &mut lo, k, Threads::All);
+                            if self.p > 0.0 {
+                                self.mask_in_place(&mut lo);
+                            }
+                            with_f32(&self.w, |w| sgemm(false, false, n, k, m, 1.0, g, m, w, k, 1.0, &mut lo, k, Threads::All))?;
+                            Some(lo)
+                        } else {
+                            None
+                        };
+                        Ok::<_, candle_core::Error>((dx, da, db))
+                    })
+                })
+            })
+        })?????;
+        Ok((
+            dx.map(|v| cpu_tensor(v, x.shape())).transpose()?,
+            da.map(|v| cpu_tensor(v, (r, k))).transpose()?,
+            db.map(|v| cpu_tensor(v, (m, r))).transpose()?,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::gradcheck::{assert_close, check_grads, rand_tensor};
+
+    #[test]
+    fn fused_lora_matches_composed_and_finite_differences() -> Result<()> {
+        let x = rand_tensor(&[2, 3, 8], 1)?;
+        let w = rand_tensor(&[6, 8], 2)?;
+        let a = rand_tensor(&[2, 8], 3)?;
+        let b = rand_tensor(&[6, 2], 4)?;
+        let fused = lora_linear(&x, &w, &a, &b, 1.5, 0.0, false)?;
+        let composed = (super::super::linear(&x, &w)? + (super::super::linear(&super::super::linear(&x, &a)?, &b)? * 1.5)?)?;
+        assert_close(&fused, &composed, 1e-5, "lora fused vs composed")?;
+        check_grads("lora_linear", &[x.clone(), a.clone(), b.clone()], |v| lora_linear(&v[0], &w, &v[1], &v[2], 1.5, 0.0, false))?;
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_drops_the_requested_fraction_and_rescales() {
+        let mut v = vec![1f32; 100_000];
+        apply_mask(42, 0.3, 0, &mut v);
+        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((dropped - 0.3).abs() < 0.01, "dropped {dropped}");
+        assert!(v.iter().all(|&x| x == 0.0 || (x - 1.0 / 0.7).abs() < 1e-6));
+        let mut w = vec![1f32; 100_000];
+        apply_mask(43, 0.3, 0, &mut w);
+        assert_ne!(v, w, "another seed, another mask");
+    }
+
+    #[test]
+    fn dropout_mask_is_consistent_between_forward_and_backward() -> Result<()> {
+        // With dropout, the gradient of Σ y·R w.r.t. B is s·Rᵀ·(xd·Aᵀ): recover xd's mask from
+        // the output and check dB uses the same mask (a different mask would not match).
+        let x = (rand_tensor(&[64, 8], 5)? + 2.0)?; // all positive: dropped entries are exactly 0
+        let w = Tensor::zeros((1, 8), DType::F32, &candle_core::Device::Cpu)?;
+        let a = Tensor::eye(8, DType::F32, &candle_core::Device::Cpu)?;
+        let bv = candle_core::Var::from_tensor(&Tensor::ones((1, 8), DType::F32, &candle_core::Device::Cpu)?)?;
+        let av = candle_core::Var::from_tensor(&a)?;
+        let y = lora_linear(&x, &w, av.as_tensor(), bv.as_tensor(), 1.0, 0.5, true)?;
+        let grads = y.sum_all()?.backward()?;
+        // dB[0, j] = Σ_i xd[i, j]; y[i] = Σ_j xd[i, j]; both from the same xd.
+        let db = grads.get(bv.as_tensor()).unwrap().sum_all()?.to_scalar::<f32>()?;
+        let ysum = y.sum_all()?.to_scalar::<f32>()?;
+        assert!((db - ysum).abs() < 1e-3 * ysum.abs(), "{db} vs {ysum}");
+        let kept = y.flatten_all()?.to_vec1::<f32>()?;
+        let full = (x.sum(1)? * 2.0)?.to_vec1::<f32>()?;
+        assert!(kept.iter().zip(&full).any(|(k, f)| (k - f).abs() > 1e-3), "some entries were dropped");
+        let da = grads.get(av.as_tensor()).unwrap().sum_all()?.to_scalar::<f32>()?;
+        // dA[j, k] = Σ_i xd[i, k] for each of the 8 rows j.
+        assert!((da - 8.0 * ysum).abs() < 1e-3 * ysum.abs(), "dA uses the same mask: {da} vs 8·{ysum}");
+        Ok(())
+    }
+}
