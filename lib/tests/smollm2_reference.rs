@@ -228,3 +228,27 @@ fn smollm2_saved_as_hugging_face_directory_reloads_identically() -> Result<()> {
     assert_eq!(std::fs::read(dir.path().join("tokenizer.json"))?, std::fs::read(again.path().join("tokenizer.json"))?);
     Ok(())
 }
+
+/// The model engine's tokenizer adapter and the data module's tokenizer must agree
+/// on SmolLM2: same chat renderings and the same ids, or training and inference
+/// would see different tokens.
+#[test]
+fn model_and_data_tokenizers_agree_on_smollm2() -> Result<()> {
+    let Some(path) = gguf_or_skip("model_and_data_tokenizers_agree_on_smollm2") else { return Ok(()) };
+    let engine = HfTokenizer::from_gguf(&path)?;
+    let data = tunebook::tokenize::Tokenizer::from_gguf(&path)?;
+    let chats = [
+        vec![ChatMessage::user("What is the capital of France?")],
+        vec![ChatMessage::system("Answer in one word."), ChatMessage::user("2+2=?"), ChatMessage::assistant("4")],
+        vec![ChatMessage::user("naïve café — 12345 tokens\n\tfn main() { println!(\"hi\"); }")],
+    ];
+    for chat in &chats {
+        let a = TextTokenizer::apply_chat_template(&engine, chat, true)?;
+        let b = TextTokenizer::apply_chat_template(&data, chat, true)?;
+        assert_eq!(a, b, "chat template renderings differ");
+        assert_eq!(TextTokenizer::encode(&engine, &a, false)?, TextTokenizer::encode(&data, &b, false)?);
+    }
+    assert!(TextTokenizer::eos_token_ids(&engine).contains(&2));
+    assert_eq!(TextTokenizer::eos_token_ids(&data), vec![2]);
+    Ok(())
+}

@@ -299,3 +299,22 @@ impl TextTokenizer for HfTokenizer {
         Ok(())
     }
 }
+
+/// The data module's tokenizer serves generation too, so training and inference
+/// can share one tokenizer and one chat-template implementation.
+impl TextTokenizer for crate::tokenize::Tokenizer {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        Ok(crate::tokenize::Tokenizer::encode(self, text, add_special_tokens)?)
+    }
+    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        Ok(crate::tokenize::Tokenizer::decode(self, ids, skip_special_tokens)?)
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_id().into_iter().collect()
+    }
+    fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let msgs: Vec<crate::tokenize::Message> =
+            messages.iter().map(|m| crate::tokenize::Message::new(m.role.clone(), m.content.clone())).collect();
+        Ok(crate::tokenize::Tokenizer::apply_chat_template(self, &msgs, add_generation_prompt)?)
+    }
+}
