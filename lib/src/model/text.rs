@@ -8,37 +8,13 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::quantized::gguf_file;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// One chat turn.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A message with the given role.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
-    }
-    /// A `user` message.
-    pub fn user(content: impl Into<String>) -> Self {
-        Self::new("user", content)
-    }
-    /// A `system` message.
-    pub fn system(content: impl Into<String>) -> Self {
-        Self::new("system", content)
-    }
-    /// An `assistant` message.
-    pub fn assistant(content: impl Into<String>) -> Self {
-        Self::new("assistant", content)
-    }
-}
+/// One chat turn: the data module's message type, so a conversation read for
+/// training is the same value generation takes.
+pub use crate::tokenize::Message as ChatMessage;
 
 /// What text-level generation needs from a tokenizer.
 pub trait TextTokenizer: Send + Sync {
@@ -313,8 +289,6 @@ impl TextTokenizer for crate::tokenize::Tokenizer {
         self.eos_id().into_iter().collect()
     }
     fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let msgs: Vec<crate::tokenize::Message> =
-            messages.iter().map(|m| crate::tokenize::Message::new(m.role.clone(), m.content.clone())).collect();
-        Ok(crate::tokenize::Tokenizer::apply_chat_template(self, &msgs, add_generation_prompt)?)
+        Ok(crate::tokenize::Tokenizer::apply_chat_template(self, messages, add_generation_prompt)?)
     }
 }
