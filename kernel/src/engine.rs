@@ -8,6 +8,8 @@
 //!   after every line printed before the cell finished, so outputs never arrive
 //!   after the reply.
 
+// The kernel uses only the parser half of the shared protocol file.
+#[allow(dead_code)]
 #[path = "../../lib/src/display/protocol.rs"]
 pub mod protocol;
 
@@ -447,10 +449,6 @@ fn engine_thread(
                 let killed = shared.killed_seq.load(Ordering::SeqCst) == seq;
                 let outcome: ExecResult = match result {
                     Ok(out) => {
-                        if interrupted {
-                            // A library loop saw the interrupt and returned; the panic or
-                            // error it raised (if any) is reported by the pump.
-                        }
                         let data: BTreeMap<String, String> = out.content_by_mime_type.into_iter().collect();
                         // A cell ending in a statement-like expression (`for`, a
                         // call returning `()`) has nothing to show.
@@ -475,10 +473,7 @@ fn engine_thread(
                     Err(e) => Err(ExecError::Other(e.to_string())),
                 };
                 let outcome = match outcome {
-                    Err(ExecError::Other(m)) if interrupted => {
-                        let _ = m;
-                        Err(ExecError::Interrupted { variables_lost: false })
-                    }
+                    Err(ExecError::Other(_)) if interrupted => Err(ExecError::Interrupted { variables_lost: false }),
                     o => o,
                 };
                 let _ = pump_tx.send(PumpMsg::Finished(outcome, interrupted));

@@ -73,8 +73,6 @@ pub fn shared_target_dir() -> Option<PathBuf> {
 /// A locked slot; the lock is released when this value is dropped or the process exits.
 #[derive(Debug)]
 pub struct Slot {
-    /// Slot number.
-    pub index: usize,
     /// The evcxr crate directory (`EVCXR_TMPDIR`).
     pub dir: PathBuf,
     _lock: File,
@@ -118,7 +116,7 @@ pub fn acquire(reseed: bool) -> Result<Slot> {
         let dir = root.join(format!("slot-{index}"));
         fs::create_dir_all(&dir)?;
         prepare_target(&dir, reseed)?;
-        return Ok(Slot { index, dir, _lock: lock });
+        return Ok(Slot { dir, _lock: lock });
     }
     bail!(
         "all {MAX_SLOTS} kernel slots under {} are in use: shut down an idle kernel, or remove stale \
