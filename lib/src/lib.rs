@@ -11,6 +11,8 @@ pub mod display;
 pub mod interrupt;
 pub mod model;
 pub mod tokenize;
+pub mod track;
+pub mod train;
 
 /// The library version, as logged in run tags.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

