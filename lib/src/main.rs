@@ -41,6 +41,37 @@ enum Command {
         #[arg(long)]
         ignore_eos: bool,
     },
+    /// Fine-tune: `train CONFIG.toml` runs here with a progress bar (`--detach`: in a
+    /// background worker); `train --run-dir DIR` runs or resumes the run in DIR.
+    Train {
+        /// Run configuration (every FineTune option has a key).
+        config: Option<std::path::PathBuf>,
+        /// Run (or resume) the existing run in this directory.
+        #[arg(long, conflicts_with = "config")]
+        run_dir: Option<std::path::PathBuf>,
+        /// Start a background worker and return.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// List, inspect and cancel fine-tuning runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Every run, newest first.
+    List,
+    /// Status, progress, checkpoints and recent events of a run.
+    Show {
+        /// Run name or directory.
+        run: String,
+    },
+    /// Checkpoint and stop a run.
+    Cancel {
+        /// Run name or directory.
+        run: String,
+    },
 }
 
 /// Where the data is and how to read it.
@@ -152,6 +183,26 @@ fn main() -> ExitCode {
             if let Err(e) = tunebook::model::run_generate_cli(&args) {
                 eprintln!("error: {e:#}");
                 return std::process::ExitCode::FAILURE;
+            }
+        }
+        Command::Train { config, run_dir, detach } => {
+            return match tunebook::train::cli::train(config.as_deref(), run_dir.as_deref(), detach) {
+                Ok(code) => ExitCode::from(code as u8),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Runs(cmd) => {
+            let r = match cmd {
+                RunsCommand::List => tunebook::train::cli::list(),
+                RunsCommand::Show { run } => tunebook::train::cli::show(&run),
+                RunsCommand::Cancel { run } => tunebook::train::cli::cancel(&run),
+            };
+            if let Err(e) = r {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
             }
         }
     }
