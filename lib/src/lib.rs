@@ -31,6 +31,7 @@ pub mod prelude {
         ChatMessage, GenerationConfig, LlamaConfig, LlamaModel, LoraConfig, Model, Packing, TextTokenizer, default_device,
     };
     pub use crate::tokenize::{Message, Tokenizer};
+    pub use crate::train::{self, FineTune, Run, Status, TaskType, TrainConfig};
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;
 }

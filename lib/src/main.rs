@@ -53,6 +53,31 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Write the bundled sample task (dates to rewrite as YYYY-MM-DD) into DIR.
+    Sample {
+        /// Output directory.
+        dir: std::path::PathBuf,
+        /// Training examples.
+        #[arg(long, default_value_t = 400)]
+        train: usize,
+        /// Held-out examples.
+        #[arg(long, default_value_t = 100)]
+        eval: usize,
+    },
+    /// Exact-match accuracy of a model on chat data (answers the conversation minus its last message).
+    Evaluate {
+        /// Model directory, adapter directory, .gguf file or Hugging Face id.
+        #[arg(long)]
+        model: String,
+        /// Chat data (.jsonl, .parquet, Delta table).
+        data: String,
+        /// At most this many rows (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+    },
     /// List, inspect and cancel fine-tuning runs.
     #[command(subcommand)]
     Runs(RunsCommand),
@@ -193,6 +218,24 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             };
+        }
+        Command::Sample { dir, train, eval } => {
+            if let Err(e) = tunebook::train::sample::write(&dir, train, eval) {
+                return fail(format!("{e:#}"));
+            }
+            println!("wrote {}/dates-train.jsonl ({train} rows) and dates-eval.jsonl ({eval} rows)", dir.display());
+        }
+        Command::Evaluate { model, data, limit, max_tokens } => {
+            use tunebook::display::Render;
+            let r = (|| -> anyhow::Result<_> {
+                let m = tunebook::model::Model::load(&model)?;
+                let ds = tunebook::data::Dataset::open(&data)?;
+                tunebook::train::sample::exact_match(&m, &ds, limit, max_tokens)
+            })();
+            match r {
+                Ok(r) => println!("{}\naccuracy {:.4}", r.text_plain(), r.accuracy),
+                Err(e) => return fail(format!("{e:#}")),
+            }
         }
         Command::Runs(cmd) => {
             let r = match cmd {

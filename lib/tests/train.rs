@@ -132,6 +132,16 @@ fn lora_fit_learns_and_writes_model_metrics_and_checkpoints() -> Result<()> {
     }
     let gens = std::fs::read_to_string(run.dir().join("eval_generations.jsonl"))?;
     assert!(gens.lines().count() >= 2, "generations at checkpoints and the end: {gens}");
+    // The saved adapter loads on its base (merged) and answers as the trained weights did.
+    let last: serde_json::Value = serde_json::from_str(gens.lines().last().unwrap())?;
+    let loaded = tunebook::model::Model::load(&m.display().to_string())?;
+    let g = loaded.chat_with(
+        &[tunebook::tokenize::Message::user("say red 1")],
+        &tunebook::model::GenerationConfig::greedy(8),
+        |_| {},
+    )?;
+    assert!(!g.ids.is_empty());
+    assert_eq!(g.text, last["response"].as_str().unwrap(), "loaded adapter vs the trainer's final weights");
     let df = run.metrics()?;
     assert_eq!(df.get_column_names().iter().map(|s| s.as_str()).collect::<Vec<_>>(), ["step", "key", "value", "timestamp"]);
     Ok(())
@@ -341,5 +351,19 @@ fn full_finetune_continues_from_custom_weights() -> Result<()> {
     let l2 = second.losses[0].1;
     let base = first.losses[0].1;
     assert!((l2 - l1).abs() < (base - l1).abs(), "continued loss {l2} should be near the first run's end {l1}, not its start {base}");
+    Ok(())
+}
+
+#[test]
+fn a_worker_that_dies_before_training_reads_as_failed_with_its_log() -> Result<()> {
+    let f = fixture(10)?;
+    let run = FineTune::new(f.model.display().to_string()).name("dies-early").train_data(f.data.as_path()).create()?;
+    std::fs::write(run.dir().join("config.toml"), "this is = not [valid toml")?;
+    tunebook::train::spawn_worker(run.dir())?;
+    wait_for("the worker to fail", Duration::from_secs(30), || run.status().is_ok_and(|s| s == Status::Failed));
+    let msg = run.status_file()?.message.unwrap();
+    assert!(msg.contains("worker.log") && msg.contains("config"), "{msg}");
+    let err = run.wait().unwrap_err().to_string();
+    assert!(err.contains("dies-early"), "{err}");
     Ok(())
 }

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod optim;
 pub mod run;
+pub mod sample;
 pub mod trainer;
 
 pub use config::{ChatLossSetting, Duration, LoraSection, Precision, Schedule, TaskType, TrainConfig};
@@ -319,6 +320,13 @@ impl FineTune {
         if cfg.name.is_empty() {
             cfg.name = generate_name(&cfg.model);
         }
+        // Local paths become absolute: the worker, a resume or a loader of the
+        // adapter may run from another directory.
+        let absolute = |s: &str| std::fs::canonicalize(s).map(|p| p.display().to_string()).unwrap_or_else(|_| s.to_string());
+        cfg.model = absolute(&cfg.model);
+        if let Some(w) = &cfg.custom_weights_path {
+            cfg.custom_weights_path = Some(absolute(w));
+        }
         let root = runs_root();
         std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
         let dir = root.join(&cfg.name);
@@ -335,7 +343,7 @@ impl FineTune {
         })?;
         let write_data = |arg: &Option<DataArg>, file: &str| -> Result<Option<String>> {
             Ok(match arg {
-                Some(DataArg::Path(p)) => Some(p.clone()),
+                Some(DataArg::Path(p)) => Some(absolute(p)),
                 Some(DataArg::Dataset(d)) => {
                     std::fs::create_dir_all(dir.join("data"))?;
                     let path = dir.join("data").join(file);
@@ -458,8 +466,19 @@ pub fn spawn_worker(dir: &Path) -> Result<u32> {
             Ok(())
         });
     }
-    let child = cmd.spawn().with_context(|| format!("starting the training worker {}", bin.display()))?;
-    Ok(child.id())
+    let mut child = cmd.spawn().with_context(|| format!("starting the training worker {}", bin.display()))?;
+    let pid = child.id();
+    // Recorded at once, so a worker that dies before it writes its status is seen as dead.
+    let files = RunFiles::new(dir);
+    if let Ok(mut st) = files.status() {
+        if st.status == Status::Pending {
+            st.pid = Some(pid);
+            files.write_status(&st)?;
+        }
+    }
+    // Reap the worker when it exits so it does not linger as a zombie of this process.
+    std::thread::spawn(move || child.wait());
+    Ok(pid)
 }
 
 extern "C" fn on_sigterm(_: libc::c_int) {

@@ -291,13 +291,23 @@ impl Run {
     /// The full `status.json`, with a dead worker reported as failed.
     pub fn status_file(&self) -> Result<StatusFile> {
         let mut s = self.files.status()?;
-        if s.status == Status::Running {
+        if matches!(s.status, Status::Running | Status::Pending) {
             if let Some(pid) = s.pid {
+                // Read the status again after the liveness check: the worker may have
+                // finished (and written its final status) in between.
                 if !worker_alive(pid) {
+                    s = self.files.status()?;
+                }
+                if matches!(s.status, Status::Running | Status::Pending) && !worker_alive(pid) {
+                    let log = self.dir().join("worker.log");
+                    let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
                     s.status = Status::Failed;
                     s.message = Some(format!(
-                        "the worker (pid {pid}) ended without finishing; see {}/worker.log. Resume with `tunebook train --run-dir {}`",
-                        self.dir().display(),
+                        "the worker (pid {pid}) ended without finishing. Last lines of {}:\n{}\nResume with `tunebook train --run-dir {}`",
+                        log.display(),
+                        tail.join("\n"),
                         self.dir().display()
                     ));
                 }
