@@ -265,14 +265,19 @@ fn server_down_for_30_seconds_mid_run_loses_and_duplicates_nothing() -> Result<(
     let data = scratch().join("server-outage");
     let mut opts = ServerOptions::new(&data);
     opts.tied_to_this_process = true;
-    let mut server = LocalServer::start(&opts)?;
+    // The run starts while the server is still starting: the tracker says so and
+    // opens the MLflow run in the background once it answers.
+    let mut server = LocalServer::spawn(&opts)?;
     opts.port = Some(server.port);
     let url = server.url.clone();
     let c = client(&url);
     let dir = fresh_dir("outage");
     let mut t = MlflowTracker::with_client(c.clone())?.options(fast());
-    start(&mut t, &dir, "outage", Some("tunebook-tests"), &[])?;
-    let run_id = t.run_id().unwrap();
+    if let Err(e) = start(&mut t, &dir, "outage", Some("tunebook-tests"), &[]) {
+        let msg = format!("{e:#}");
+        assert!(msg.contains("will be sent when the server answers") && msg.contains("tunebook runs sync outage"), "{msg}");
+        assert!(t.run_id().is_none());
+    }
 
     // The training loop: 2 metrics every 20 ms until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -290,6 +295,12 @@ fn server_down_for_30_seconds_mid_run_loses_and_duplicates_nothing() -> Result<(
         }
         Ok((step, slowest))
     });
+    server.wait_ready(Duration::from_secs(240))?;
+    let t0 = Instant::now();
+    while t.run_id().is_none() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run_id = t.run_id().expect("the run opened once the server answered");
     std::thread::sleep(Duration::from_secs(2));
     server.stop();
     assert!(!server.is_healthy());

@@ -190,7 +190,23 @@ fn open_run(client: &MlflowClient, spec: &RunSpec) -> Result<MlflowState> {
             Err(e) => return Err(e),
         },
         Some(s) => fresh_state(client, spec, &cursor, &format!("it was tracked on {} before", s.tracking_uri))?,
-        None => fresh_state(client, spec, &cursor, "")?,
+        // The Python client's convention: MLFLOW_RUN_ID names a run to continue.
+        None => match env_nonempty("MLFLOW_RUN_ID") {
+            Some(id) => {
+                let run = client.run(&id).with_context(|| format!("MLFLOW_RUN_ID={id}"))?;
+                let s = MlflowState {
+                    tracking_uri: client.uri().to_string(),
+                    experiment_id: run.info.experiment_id.clone(),
+                    run_id: id,
+                    ..MlflowState::default()
+                };
+                cursor.store(0)?;
+                s.save(dir)?;
+                existing = Some(run);
+                s
+            }
+            None => fresh_state(client, spec, &cursor, "")?,
+        },
     };
     let fitted = fit_params(&spec.params);
     let mut tags = run_tags(spec);
@@ -347,6 +363,12 @@ impl MlflowTracker {
 }
 
 impl Tracker for MlflowTracker {
+    /// Opens the MLflow run (continuing the one in `mlflow.json`, or
+    /// `MLFLOW_RUN_ID`'s, else creating one), logs params and tags, and starts the
+    /// shipper. If the server does not answer, the shipper still starts and opens
+    /// the run when it does; the error returned then says so (a warning, not a
+    /// reason to stop training). Refused credentials or a bad request stop
+    /// tracking and are returned as errors.
     fn start(&mut self, ctx: &RunContext<'_>) -> Result<()> {
         if let Some(mut s) = self.shipper.take() {
             s.drain(Instant::now());
