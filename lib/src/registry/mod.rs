@@ -17,9 +17,8 @@
 
 pub mod mlmodel;
 
-use crate::display::Render;
 use crate::model::{HfTokenizer, Model, ModelSource, TextTokenizer};
-use crate::track::display::{Cell, LinkTable, format_millis};
+use crate::track::display::{Cell, LinkTable, format_millis, render_as_table};
 use crate::track::api::paginate;
 use crate::track::{MlflowClient, MlflowConfig, MlflowState, client::mlflow_error};
 use anyhow::{Context, Result, bail};
@@ -202,24 +201,6 @@ impl ModelVersion {
     }
 }
 
-impl Render for ModelVersion {
-    fn text_plain(&self) -> String {
-        self.card().text_plain()
-    }
-    fn text_html(&self) -> Option<String> {
-        self.card().text_html()
-    }
-}
-
-impl Render for RegisteredModel {
-    fn text_plain(&self) -> String {
-        self.card().text_plain()
-    }
-    fn text_html(&self) -> Option<String> {
-        self.card().text_html()
-    }
-}
-
 impl RegisteredModel {
     /// The card shown in a notebook.
     pub fn card(&self) -> LinkTable {
@@ -234,6 +215,21 @@ impl RegisteredModel {
             ],
         )
     }
+}
+
+render_as_table!(ModelVersion, ModelVersion::card);
+render_as_table!(Vec<ModelVersion>, |v| versions_table(v));
+render_as_table!(RegisteredModel, RegisteredModel::card);
+render_as_table!(Vec<RegisteredModel>, |v| models_table(v));
+
+/// Registered models as one table, with links.
+pub fn models_table(models: &[RegisteredModel]) -> LinkTable {
+    let mut t = LinkTable::new(["model", "aliases", "updated"]).title("Registered models");
+    for m in models {
+        let aliases: Vec<String> = m.aliases.iter().map(|a| format!("@{} → {}", a.alias, a.version)).collect();
+        t.push([Cell::link(&m.name, m.url()), Cell::text(aliases.join(", ")), Cell::text(format_millis(m.last_updated_timestamp))]);
+    }
+    t
 }
 
 /// Versions as one table, with links.

@@ -377,7 +377,7 @@ impl MlflowClient {
                 // Reported by the server as a short body; the open error is clearer.
                 Err(_) => reqwest::blocking::Body::from(Vec::new()),
             };
-            self.raw().request(Method::PUT, &url).body(body)
+            self.raw().request(Method::PUT, &url).timeout(transfer_timeout(self, len)).body(body)
         })
         .with_context(|| format!("uploading {} to {url}", local.display()))?;
         Ok(())
@@ -454,8 +454,14 @@ impl MlflowClient {
     /// Downloads one artifact file into `dest` (streamed; written to a temporary
     /// file next to it, then renamed).
     pub fn download_file(&self, artifact_root: &str, path: &str, dest: &Path) -> Result<()> {
+        self.download_sized(artifact_root, path, dest, None)
+    }
+
+    fn download_sized(&self, artifact_root: &str, path: &str, dest: &Path, size: Option<u64>) -> Result<()> {
         let url = self.artifact_url(artifact_root, path)?;
-        let mut resp = self.send(&format!("GET artifact {path}"), || self.raw().get(&url))?;
+        // Unknown size: allow a large file (10 GB at 1 MB/s would still not fit; pass sizes).
+        let limit = transfer_timeout(self, size.unwrap_or(4_000_000_000));
+        let mut resp = self.send(&format!("GET artifact {path}"), || self.raw().get(&url).timeout(limit))?;
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -494,11 +500,17 @@ impl MlflowClient {
         for f in files {
             let rel = f.path.strip_prefix(prefix).unwrap_or(&f.path).trim_start_matches('/');
             let target = dest.join(rel);
-            self.download_file(artifact_root, &f.path, &target)?;
+            self.download_sized(artifact_root, &f.path, &target, f.file_size)?;
             out.push(target);
         }
         Ok(out)
     }
+}
+
+/// Time limit of a transfer of `bytes`: the request timeout plus one second per MB
+/// (a whole-request limit must grow with the file, or big checkpoints never make it).
+fn transfer_timeout(c: &MlflowClient, bytes: u64) -> std::time::Duration {
+    c.config().retry.timeout + std::time::Duration::from_secs(bytes / 1_000_000)
 }
 
 /// Collects pages: `page(token, still_wanted)` returns items and the next page

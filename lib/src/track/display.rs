@@ -117,6 +117,29 @@ impl Render for LinkTable {
     }
 }
 
+/// Implements [`Render`] through the [`LinkTable`] that `$f` builds from `&self`.
+macro_rules! render_as_table {
+    ($t:ty, $f:expr) => {
+        impl $crate::display::Render for $t {
+            fn text_plain(&self) -> String {
+                let f: fn(&$t) -> $crate::track::display::LinkTable = $f;
+                f(self).text_plain()
+            }
+            fn text_html(&self) -> Option<String> {
+                let f: fn(&$t) -> $crate::track::display::LinkTable = $f;
+                f(self).text_html()
+            }
+        }
+    };
+}
+pub(crate) use render_as_table;
+
+render_as_table!(Run, Run::card);
+render_as_table!(Vec<Run>, |v| runs_table(v));
+render_as_table!(Experiment, Experiment::card);
+render_as_table!(Vec<Experiment>, |v| experiments_table(v));
+render_as_table!(SyncReport, SyncReport::card);
+
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` UTC.
 pub fn format_millis(ms: Option<i64>) -> String {
     ms.and_then(chrono::DateTime::from_timestamp_millis)
@@ -149,15 +172,6 @@ impl Run {
     }
 }
 
-impl Render for Run {
-    fn text_plain(&self) -> String {
-        self.card().text_plain()
-    }
-    fn text_html(&self) -> Option<String> {
-        self.card().text_html()
-    }
-}
-
 /// Runs as one table (newest first, as searched).
 pub fn runs_table(runs: &[Run]) -> LinkTable {
     let mut t = LinkTable::new(["run", "status", "started", "experiment"]).title("MLflow runs");
@@ -171,15 +185,6 @@ pub fn runs_table(runs: &[Run]) -> LinkTable {
         ]);
     }
     t
-}
-
-impl Render for Experiment {
-    fn text_plain(&self) -> String {
-        self.card().text_plain()
-    }
-    fn text_html(&self) -> Option<String> {
-        self.card().text_html()
-    }
 }
 
 impl Experiment {
@@ -220,15 +225,6 @@ impl SyncReport {
                 ("status", Cell::text(self.status.map(|s| s.as_str()).unwrap_or("RUNNING (still going locally)"))),
             ],
         )
-    }
-}
-
-impl Render for SyncReport {
-    fn text_plain(&self) -> String {
-        self.card().text_plain()
-    }
-    fn text_html(&self) -> Option<String> {
-        self.card().text_html()
     }
 }
 
