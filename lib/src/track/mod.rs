@@ -117,6 +117,12 @@ impl Tracker for LocalTracker {
     }
 }
 
+/// [`sync_run`] for a run named as `tunebook runs sync RUN` names it: a run
+/// directory, or a run name under [`crate::train::runs_root`].
+pub fn sync_named(run: &str, tracking_uri: Option<&str>) -> Result<SyncReport> {
+    sync_run(&crate::train::resolve_run_dir(run)?, tracking_uri)
+}
+
 /// The tracker for a run: MLflow when a tracking URI is given or set in
 /// `MLFLOW_TRACKING_URI`, otherwise [`LocalTracker`] (whose
 /// [`summary`](Tracker::summary) says how to sync later). An invalid URI is an
@@ -125,5 +131,20 @@ pub fn tracker_for(tracking_uri: Option<&str>) -> Result<Box<dyn Tracker>> {
     match tracking_uri.map(str::to_string).or_else(config::tracking_uri_from_env) {
         Some(uri) => Ok(Box::new(MlflowTracker::new(Some(&uri))?)),
         None => Ok(Box::new(LocalTracker)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_choice_and_offline_hint() {
+        let e = tracker_for(Some("/tmp/mlruns")).err().expect("a path is not a tracking server").to_string();
+        assert!(e.contains("tunebook mlflow up"), "{e}");
+        let t = tracker_for(Some("http://127.0.0.1:9")).unwrap();
+        assert!(t.summary().unwrap().contains("not reached yet"));
+        assert!(LocalTracker.summary().unwrap().contains("tunebook runs sync"));
+        assert!(offline_hint("my-run").contains("tunebook runs sync my-run"));
     }
 }
