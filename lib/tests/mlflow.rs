@@ -314,7 +314,8 @@ fn server_down_for_30_seconds_mid_run_loses_and_duplicates_nothing() -> Result<(
     let (steps, slowest) = writer.join().unwrap()?;
     t.finish(RunOutcome::Finished)?;
     assert!(steps > 1000, "the loop kept going during the outage ({steps} steps)");
-    assert!(slowest < Duration::from_millis(200), "logging never waited for the server (slowest append {slowest:?})");
+    // A request to a stopped server would take seconds; a file append takes microseconds.
+    assert!(slowest < Duration::from_secs(1), "logging never waited for the server (slowest append {slowest:?})");
     for k in ["loss/train/total", "lr"] {
         assert_eq!(steps_once(&c, &run_id, k), (0..steps).collect(), "{k}: every step exactly once");
     }

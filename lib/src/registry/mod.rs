@@ -195,7 +195,8 @@ impl ModelVersion {
             ("source", Cell::text(self.source.clone().unwrap_or_default())),
         ];
         if let Some(r) = &self.run_id {
-            rows.push(("run", Cell::link(r, format!("{}/#/experiments/0/runs/{r}", self.server))));
+            // The UI's /runs/<id> route finds the run's experiment itself.
+            rows.push(("run", Cell::link(r, format!("{}/#/runs/{r}", self.server))));
         }
         LinkTable::card("Registered model version", rows)
     }
@@ -241,7 +242,10 @@ pub fn versions_table(versions: &[ModelVersion]) -> LinkTable {
             Cell::text(v.aliases.join(", ")),
             Cell::text(v.status.clone().unwrap_or_default()),
             Cell::text(format_millis(v.creation_timestamp)),
-            Cell::text(v.run_id.clone().unwrap_or_default()),
+            match &v.run_id {
+                Some(r) => Cell::link(r, format!("{}/#/runs/{r}", v.server)),
+                None => Cell::text(""),
+            },
         ]);
     }
     t
