@@ -165,7 +165,13 @@ fn mlmodel_yaml(model_dir: &Path, kind: &ModelKind, has_tokenizer: bool, model_i
         ModelKind::Adapter { base } => {
             tf.insert("source_model_name".into(), json!(base));
             if is_hub_id(base) {
-                tf.insert("source_model_revision".into(), json!(cached_revision(base).unwrap_or_else(|| "main".into())));
+                // Python MLflow then loads the base, and the tokenizer, from the Hub.
+                let rev = cached_revision(base).unwrap_or_else(|| "main".into());
+                tf.insert("source_model_revision".into(), json!(rev));
+                if has_tokenizer {
+                    tf.insert("tokenizer_name".into(), json!(base));
+                    tf.insert("tokenizer_revision".into(), json!(rev));
+                }
             } else {
                 tf.insert("local_base_model_path".into(), json!(base));
             }
