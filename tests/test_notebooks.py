@@ -1,6 +1,7 @@
 """Tutorial notebooks executed headless by nbconvert on the tunebook kernel."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -51,3 +52,30 @@ def test_hello_notebook(tmp_path):
 
     summary = cells["summary"][-1]["data"]["text/plain"]
     assert summary == "1.4"
+
+
+def test_finetune_notebook(tmp_path, monkeypatch):
+    # A short run keeps CI fast; the quickstart trains for a full epoch.
+    monkeypatch.setenv("TUNEBOOK_SAMPLE_DURATION", "10ba")
+    monkeypatch.setenv("TUNEBOOK_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    nb = run_notebook("01-finetune.ipynb", tmp_path)
+    cells = outputs_by_tag(nb)
+
+    assert "<table>" in cells["data"][-1]["data"]["text/html"]
+    assert "exact match" in cells["before"][-1]["data"]["text/plain"]
+
+    # The live progress bar: one display, updated in place to the end.
+    bars = [o for o in cells["wait"] if o["output_type"] == "display_data"]
+    assert any("COMPLETED" in o["data"]["text/plain"] for o in bars), [o["data"]["text/plain"] for o in bars]
+
+    compare = cells["compare"][-1]["data"]["text/plain"]
+    before, after = map(int, re.findall(r"(\d+)%", compare))
+    assert after > before, compare
+
+    spec = cells["plot"][-1]["data"]["application/vnd.vegalite.v5+json"]
+    steps = [v["x"] for v in spec["data"]["values"] if v["series"] == "train"]
+    assert len(steps) >= 10, spec["data"]["values"][:3]
+
+    answer = cells["query"][-1]["data"]["text/plain"]
+    assert "2024-05" in answer, answer

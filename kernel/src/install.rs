@@ -51,9 +51,15 @@ pub fn kernels_dir(loc: &Location) -> Result<PathBuf> {
 /// The kernel.json contents for this executable.
 pub fn kernel_json(exe: &Path) -> serde_json::Value {
     let mut env = serde_json::Map::new();
-    for var in ["TUNEBOOK_HOME", "TUNEBOOK_LIB_PATH", "TUNEBOOK_TARGET_DIR"] {
+    for var in ["TUNEBOOK_HOME", "TUNEBOOK_LIB_PATH", "TUNEBOOK_TARGET_DIR", "TUNEBOOK_RUNS", "TUNEBOOK_BIN"] {
         if let Ok(v) = std::env::var(var) {
             env.insert(var.into(), v.into());
+        }
+    }
+    // Fine-tuning runs start `tunebook train` workers: the CLI built beside this kernel.
+    if !env.contains_key("TUNEBOOK_BIN") {
+        if let Some(cli) = exe.parent().map(|d| d.join("tunebook")).filter(|p| p.is_file()) {
+            env.insert("TUNEBOOK_BIN".into(), cli.display().to_string().into());
         }
     }
     // Workspace binaries link libstd dynamically (-Cprefer-dynamic, which evcxr

@@ -34,6 +34,7 @@ pub mod prelude {
     pub use crate::registry::Registry;
     pub use crate::tokenize::{Message, Tokenizer};
     pub use crate::track::{MlflowClient, sync_run};
+    pub use crate::train::{self, FineTune, Run, Status, TaskType, TrainConfig};
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;
 }

@@ -41,9 +41,65 @@ enum Command {
         #[arg(long)]
         ignore_eos: bool,
     },
+    /// Fine-tune: `train CONFIG.toml` runs here with a progress bar (`--detach`: in a
+    /// background worker); `train --run-dir DIR` runs or resumes the run in DIR.
+    Train {
+        /// Run configuration (every FineTune option has a key).
+        config: Option<std::path::PathBuf>,
+        /// Run (or resume) the existing run in this directory.
+        #[arg(long, conflicts_with = "config")]
+        run_dir: Option<std::path::PathBuf>,
+        /// Start a background worker and return.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Write the bundled sample task (dates to rewrite as YYYY-MM-DD) into DIR.
+    Sample {
+        /// Output directory.
+        dir: std::path::PathBuf,
+        /// Training examples.
+        #[arg(long, default_value_t = 400)]
+        train: usize,
+        /// Held-out examples.
+        #[arg(long, default_value_t = 100)]
+        eval: usize,
+    },
+    /// Exact-match accuracy of a model on chat data (answers the conversation minus its last message).
+    Evaluate {
+        /// Model directory, adapter directory, .gguf file or Hugging Face id.
+        #[arg(long)]
+        model: String,
+        /// Chat data (.jsonl, .parquet, Delta table).
+        data: String,
+        /// At most this many rows (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+    },
+    /// List, inspect and cancel fine-tuning runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
     /// Run a local MLflow tracking server (sqlite and artifacts in a data directory).
     #[command(subcommand)]
     Mlflow(MlflowCommand),
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Every run, newest first.
+    List,
+    /// Status, progress, checkpoints and recent events of a run.
+    Show {
+        /// Run name or directory.
+        run: String,
+    },
+    /// Checkpoint and stop a run.
+    Cancel {
+        /// Run name or directory.
+        run: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -174,6 +230,44 @@ fn main() -> ExitCode {
             if let Err(e) = tunebook::model::run_generate_cli(&args) {
                 eprintln!("error: {e:#}");
                 return std::process::ExitCode::FAILURE;
+            }
+        }
+        Command::Train { config, run_dir, detach } => {
+            return match tunebook::train::cli::train(config.as_deref(), run_dir.as_deref(), detach) {
+                Ok(code) => ExitCode::from(code as u8),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Sample { dir, train, eval } => {
+            if let Err(e) = tunebook::train::sample::write(&dir, train, eval) {
+                return fail(format!("{e:#}"));
+            }
+            println!("wrote {}/dates-train.jsonl ({train} rows) and dates-eval.jsonl ({eval} rows)", dir.display());
+        }
+        Command::Evaluate { model, data, limit, max_tokens } => {
+            use tunebook::display::Render;
+            let r = (|| -> anyhow::Result<_> {
+                let m = tunebook::model::Model::load(&model)?;
+                let ds = tunebook::data::Dataset::open(&data)?;
+                tunebook::train::sample::exact_match(&m, &ds, limit, max_tokens)
+            })();
+            match r {
+                Ok(r) => println!("{}\naccuracy {:.4}", r.text_plain(), r.accuracy),
+                Err(e) => return fail(format!("{e:#}")),
+            }
+        }
+        Command::Runs(cmd) => {
+            let r = match cmd {
+                RunsCommand::List => tunebook::train::cli::list(),
+                RunsCommand::Show { run } => tunebook::train::cli::show(&run),
+                RunsCommand::Cancel { run } => tunebook::train::cli::cancel(&run),
+            };
+            if let Err(e) = r {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
             }
         }
         Command::Mlflow(cmd) => {

@@ -35,7 +35,7 @@ pub mod protocol;
 
 pub use frame::{DataFrameExt, FrameView};
 pub use plot::{Line, LinePlot};
-pub use progress::ProgressBar;
+pub use progress::{ProgressBar, format_duration};
 pub use protocol::{DISPLAY_ENV, MARKER_PREFIX, Marker, parse_marker};
 
 use serde_json::Value;

@@ -320,6 +320,10 @@ impl Model {
 
     /// Loads on a chosen device and dtype.
     pub fn load_on(spec: &str, device: &Device, dtype: DType) -> Result<Self> {
+        let dir = std::path::Path::new(spec);
+        if dir.is_dir() && dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
+            return Self::load_adapter(dir, device, dtype);
+        }
         let source = resolve_model(spec)?;
         let (llama, tokenizer): (LlamaModel, Option<Arc<dyn TextTokenizer>>) = match &source {
             ModelSource::HfDir(d) => {
@@ -333,6 +337,26 @@ impl Model {
             }
         };
         Ok(Self { llama, tokenizer, source: Some(source), generation: GenerationConfig::default() })
+    }
+
+    /// Loads a PEFT LoRA adapter directory: its base model (`base_model_name_or_path`
+    /// in `adapter_config.json`), the adapter merged into it for fast generation, and
+    /// the adapter directory's own tokenizer files when present.
+    pub fn load_adapter(dir: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+        let base = v.get("base_model_name_or_path").and_then(|b| b.as_str()).filter(|b| !b.is_empty()).with_context(|| {
+            format!("{}: `base_model_name_or_path` is missing, so the base model of this adapter is unknown", cfg_path.display())
+        })?;
+        let mut m = Self::load_on(base, device, dtype)
+            .with_context(|| format!("loading the base model {base:?} of the adapter in {}", dir.display()))?;
+        m.llama.load_lora(dir)?;
+        m.llama.merge_lora()?;
+        if dir.join("tokenizer.json").is_file() {
+            m.tokenizer = Some(Arc::new(HfTokenizer::from_dir(dir)?));
+        }
+        Ok(m)
     }
 
     /// Wraps a model and an optional tokenizer.

@@ -58,7 +58,8 @@ impl LoraConfig {
         if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks rank, dropout and target names.
+    pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             bail!("LoRA: rank r must be at least 1");
         }

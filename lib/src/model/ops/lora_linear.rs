@@ -18,6 +18,13 @@ pub fn next_seed() -> u64 {
     NEXT_SEED.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
 }
 
+/// Restarts the dropout generator at `seed`. The trainer calls this before every
+/// step with a value derived from the run seed and the step, so a resumed run
+/// draws the same masks as an uninterrupted one.
+pub fn set_dropout_seed(seed: u64) {
+    NEXT_SEED.store(seed, Ordering::Relaxed);
+}
+
 #[inline]
 fn mix(seed: u64, i: u64) -> u64 {
     // splitmix64 of (seed, counter): a counter-based generator, so the backward pass can

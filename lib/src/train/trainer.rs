@@ -1,0 +1,739 @@
+//! The training loop: data → packed windows → micro-batches → AdamW, with
+//! evaluation, eval-prompt generations, checkpoints and exact resume.
+//!
+//! Determinism: the order of windows in epoch `e` is a permutation seeded by
+//! `(seed, e)`, and the dropout generator is re-seeded from `(seed, step)`
+//! before every step, so the batches, learning rates and (on the CPU) losses of
+//! a resumed run equal those of an uninterrupted one. A checkpoint therefore
+//! only needs the weights, the optimizer moments and the step.
+
+use super::config::{ChatLossSetting, Duration, Precision, TrainConfig};
+use super::optim::{AdamW, AdamWConfig, learning_rate};
+use super::run::{EventLog, Progress, RunFiles, Status};
+use crate::data::{ChatLoss, Dataset, PackOptions, PrepareOptions, Window};
+use crate::model::{
+    GenerationConfig, LlamaModel, LoraConfig, Model, ModelSource, Packing, TextTokenizer, ops, resolve_model,
+};
+use crate::tokenize::{Message, Tokenizer};
+use crate::track::{MetricRecord, MetricWal, RunContext, RunOutcome, Tracker};
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// What a checkpoint records besides weights and optimizer moments.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Steps the run takes in all.
+    pub total_steps: usize,
+    /// Window tokens processed.
+    pub tokens_seen: u64,
+    /// The last training loss.
+    pub loss: f64,
+    /// The run's configuration digest (a resume refuses a different configuration).
+    pub config_digest: String,
+}
+
+/// The outcome of [`Trainer::run`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSummary {
+    /// Steps completed.
+    pub steps: usize,
+    /// Training loss per step (index 0 is step 1), from the start of this process.
+    pub losses: Vec<(usize, f64)>,
+    /// The last evaluation, if any: cross-entropy, perplexity, token accuracy.
+    pub eval: Option<EvalMetrics>,
+    /// Where the final model was written.
+    pub model_dir: Option<PathBuf>,
+    /// The registered model version (`name/version`), when registered.
+    pub registered: Option<String>,
+    /// Why it stopped.
+    pub status: Status,
+}
+
+/// Streaming evaluation metrics (never more than one window's logits in memory).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalMetrics {
+    /// Mean next-token cross-entropy over target tokens.
+    pub cross_entropy: f64,
+    /// `exp(cross_entropy)`.
+    pub perplexity: f64,
+    /// Share of target tokens whose arg-max prediction is right.
+    pub token_accuracy: f64,
+    /// Target tokens scored.
+    pub tokens: usize,
+}
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Asks a trainer running in this process to checkpoint and stop after the
+/// current step (the worker's SIGTERM handler calls this).
+pub fn request_cancel() {
+    CANCEL.store(true, Ordering::SeqCst);
+}
+
+/// A fine-tuning run in progress, in this process.
+pub struct Trainer {
+    cfg: TrainConfig,
+    files: RunFiles,
+    model: LlamaModel,
+    lora: Option<LoraConfig>,
+    tokenizer: Arc<dyn TextTokenizer>,
+    base_name: String,
+    opt: AdamW,
+    train: Vec<Window>,
+    eval: Vec<Window>,
+    steps_per_epoch: usize,
+    total_steps: usize,
+    warmup: usize,
+    context_length: usize,
+    state: TrainerState,
+    wal: MetricWal,
+    events: EventLog,
+    tracker: Box<dyn Tracker>,
+    device: Device,
+}
+
+fn chat_loss(s: ChatLossSetting) -> ChatLoss {
+    match s {
+        ChatLossSetting::AllAssistant => ChatLoss::AllAssistant,
+        ChatLossSetting::LastAssistant => ChatLoss::LastAssistant,
+        ChatLossSetting::AllTokens => ChatLoss::AllTokens,
+    }
+}
+
+/// The compute device a configuration asks for.
+pub fn select_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "auto" => crate::model::default_device(),
+        "cuda" => Device::new_cuda(0).context("device cuda: no CUDA device (or this build lacks --features cuda)")?,
+        d => {
+            let n: usize = d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).ok_or_else(|| anyhow!("unknown device {d:?}"))?;
+            Device::new_cuda(n).with_context(|| format!("device {d}: not available"))?
+        }
+    })
+}
+
+/// Opens a data source for a task (`Dataset::open` plus the task).
+pub(crate) fn open_data(source: &str, cfg: &TrainConfig, what: &str) -> Result<Dataset> {
+    let ds = Dataset::open(source).with_context(|| format!("{what} {source:?}"))?;
+    Ok(ds.task(cfg.task.data_task()))
+}
+
+impl Trainer {
+    /// Loads the model and data of `cfg` into the run directory `run_dir`,
+    /// validating everything first, and resumes from the newest checkpoint there
+    /// if one exists.
+    pub fn new(cfg: TrainConfig, run_dir: &Path, tracker: Box<dyn Tracker>) -> Result<Self> {
+        cfg.validate()?;
+        let files = RunFiles::new(run_dir);
+        std::fs::create_dir_all(files.checkpoints_dir())
+            .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+        let mut events = EventLog::open(&files)?;
+        let device = select_device(&cfg.device)?;
+        if cfg.precision == Precision::Bf16 && device.is_cpu() {
+            bail!("precision bf16 needs a CUDA device; this run would compute on the CPU (set precision = \"f32\")");
+        }
+
+        // Data first: it is the most common thing to get wrong, and cheap to check.
+        let source = resolve_model(&cfg.model)?;
+        let tok_path = match &source {
+            ModelSource::HfDir(d) => d.clone(),
+            ModelSource::Gguf(p) => p.clone(),
+        };
+        let data_tok = Tokenizer::load(&tok_path).with_context(|| format!("loading the tokenizer of {}", cfg.model))?;
+        let train_ds = open_data(&cfg.train_data, &cfg, "train_data")?;
+        train_ds.validate_strict().with_context(|| format!("train_data {:?} has invalid rows; fix them or filter them out", cfg.train_data))?;
+        let (train_ds, eval_ds) = match (&cfg.eval_data, cfg.eval_split) {
+            (Some(e), _) => {
+                let ds = open_data(e, &cfg, "eval_data")?;
+                ds.validate_strict().with_context(|| format!("eval_data {e:?} has invalid rows"))?;
+                (train_ds, Some(ds))
+            }
+            (None, s) if s > 0.0 => {
+                let (train, eval) = train_ds.split(s, cfg.seed);
+                (train, Some(eval))
+            }
+            _ => (train_ds, None),
+        };
+        let popts = PrepareOptions::default().chat_loss(chat_loss(cfg.chat_loss));
+
+        // The model.
+        let mut model = Model::load_on(&cfg.model, &device, DType::F32)?;
+        let max_ctx = model.llama.config.max_position_embeddings;
+        let context_length = cfg.context_length.unwrap_or(max_ctx.min(2048));
+        if context_length > max_ctx {
+            bail!("context_length {context_length} exceeds the model's maximum of {max_ctx} tokens");
+        }
+        let tokenizer = model.tokenizer.clone().context("the model has no tokenizer: the run needs one to read its data")?;
+        let pack = |ds: &Dataset, shuffle: bool| -> Result<Vec<Window>> {
+            let t = ds.tokenize(&data_tok, &popts)?;
+            let mut o = PackOptions::new(context_length).packing(cfg.packing);
+            if shuffle {
+                o = o.shuffle(cfg.seed);
+            }
+            Ok(t.pack(&o).windows)
+        };
+        let train = pack(&train_ds, true)?;
+        let train: Vec<Window> = train.into_iter().filter(|w| w.labels().iter().any(|&l| l >= 0)).collect();
+        if train.is_empty() {
+            bail!("train_data {:?} gives no token to learn from (every example is empty or has no target tokens)", cfg.train_data);
+        }
+        let eval = match &eval_ds {
+            Some(ds) => {
+                let mut w = pack(ds, false)?;
+                if cfg.eval_max_windows > 0 {
+                    w.truncate(cfg.eval_max_windows);
+                }
+                w
+            }
+            None => vec![],
+        };
+
+        let lora = cfg.lora.as_ref().map(|l| LoraConfig {
+            r: l.r,
+            alpha: l.alpha,
+            dropout: l.dropout,
+            target_modules: l.targets.clone(),
+            use_rslora: false,
+            seed: cfg.seed,
+        });
+        if let Some(w) = &cfg.custom_weights_path {
+            load_custom_weights(&mut model.llama, Path::new(w), lora.is_some())?;
+        }
+        let mut llama = model.llama;
+
+        let micro = cfg.batch_size;
+        let per_step = micro * cfg.grad_accum;
+        let steps_per_epoch = train.len().div_ceil(per_step);
+        let tokens_per_step = per_step * context_length;
+        let duration = cfg.duration()?;
+        let total_steps = duration.total_steps(steps_per_epoch, tokens_per_step);
+        if let Duration::Epochs(_) = duration {
+        } else if total_steps == 0 {
+            bail!("training_duration {:?} gives no step", cfg.training_duration);
+        }
+        let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total_steps as f64).round() as usize);
+
+        // Resume from the newest checkpoint, if any.
+        let digest = config_digest(&cfg);
+        let latest = files.latest_checkpoint()?;
+        let mut state = TrainerState { step: 0, total_steps, tokens_seen: 0, loss: f64::NAN, config_digest: digest.clone() };
+        let resumed_from = latest.clone();
+        if let Some(ck) = &latest {
+            let st: TrainerState = read_json(&ck.join("trainer_state.json"))?;
+            if st.config_digest != digest {
+                bail!(
+                    "{} was written with a different configuration; start a new run (or restore the run's config.toml)",
+                    ck.display()
+                );
+            }
+            match &lora {
+                Some(_) => {
+                    llama.load_lora(ck).with_context(|| format!("loading the adapters of {}", ck.display()))?;
+                }
+                None => {
+                    let w = LlamaModel::from_hf_dir(ck, &device, DType::F32)
+                        .with_context(|| format!("loading the weights of {}", ck.display()))?;
+                    llama = w;
+                    llama.unfreeze_all()?;
+                }
+            }
+            state = st;
+        } else {
+            match &lora {
+                Some(l) => {
+                    if !llama.has_lora() {
+                        llama.add_lora(l)?;
+                    }
+                }
+                None => llama.unfreeze_all()?,
+            }
+        }
+        let vars = llama.trainable_vars()?;
+        if vars.is_empty() {
+            bail!("nothing to train: the model has no trainable parameter");
+        }
+        let mut opt = AdamW::new(
+            vars,
+            AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
+        )?;
+        if let Some(ck) = &latest {
+            let p = ck.join("optimizer.safetensors");
+            let t = candle_core::safetensors::load(&p, &device).with_context(|| format!("reading {}", p.display()))?;
+            opt.load_state(t.into_iter().collect(), state.step as u64)?;
+        }
+        let wal = MetricWal::open(run_dir)?;
+        match &resumed_from {
+            Some(ck) => events.push("resumed", format!("resumed from {} (step {})", ck.display(), state.step))?,
+            None => events.push(
+                "started",
+                format!(
+                    "{} windows of {context_length} tokens ({} per step, {steps_per_epoch} steps per epoch), {total_steps} steps, {} trainable values",
+                    train.len(),
+                    per_step,
+                    opt.num_values()
+                ),
+            )?,
+        }
+        let base_name = cfg.model.clone();
+        Ok(Trainer {
+            cfg,
+            files,
+            model: llama,
+            lora,
+            tokenizer,
+            base_name,
+            opt,
+            train,
+            eval,
+            steps_per_epoch,
+            total_steps,
+            warmup,
+            context_length,
+            state,
+            wal,
+            events,
+            tracker,
+            device,
+        })
+    }
+
+    /// Steps the run takes in all.
+    pub fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    /// Optimizer steps already done (more than 0 after a resume).
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    /// Training windows.
+    pub fn train_windows(&self) -> &[Window] {
+        &self.train
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// The windows of optimizer step `step` (0-based), as micro-batches.
+    fn step_batches(&self, step: usize) -> Vec<Vec<&Window>> {
+        let epoch = step / self.steps_per_epoch;
+        let within = step % self.steps_per_epoch;
+        let order = crate::data::permutation(self.train.len(), self.cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        let start = within * per_step;
+        let idx: Vec<usize> = order.iter().skip(start).take(per_step).map(|&i| i as usize).collect();
+        idx.chunks(self.cfg.batch_size).map(|c| c.iter().map(|&i| &self.train[i]).collect()).collect()
+    }
+
+    fn log(&mut self, records: &[MetricRecord]) -> Result<()> {
+        self.wal.append(records)?;
+        Ok(())
+    }
+
+    fn tracker_call(&mut self, what: &str, r: Result<()>) {
+        if let Err(e) = r {
+            let _ = self.events.push("warning", format!("tracking: {what} failed: {e:#} (the run goes on; `tunebook runs sync` can ship it later)"));
+        }
+    }
+
+    /// Trains to the end (or until cancelled), checkpointing, evaluating and
+    /// logging as configured. On NaN/Inf the run stops with an error and the last
+    /// good checkpoint is kept.
+    pub fn run(&mut self, mut on_step: impl FnMut(&Progress)) -> Result<TrainSummary> {
+        CANCEL.store(false, Ordering::SeqCst);
+        let params = super::redacted_params(&self.cfg);
+        let name = self.files.name();
+        let tags = vec![("tunebook.version".to_string(), crate::VERSION.to_string())];
+        let ctx = RunContext {
+            run_dir: self.files.dir(),
+            run_name: &name,
+            experiment: self.cfg.experiment.as_deref(),
+            params: &params,
+            tags: &tags,
+        };
+        let r = self.tracker.start(&ctx);
+        self.tracker_call("start", r);
+        let result = self.train_loop(&mut on_step);
+        let (outcome, status) = match &result {
+            Ok(s) => (if s.status == Status::Stopped { RunOutcome::Killed } else { RunOutcome::Finished }, s.status),
+            Err(_) => (RunOutcome::Failed, Status::Failed),
+        };
+        let _ = self.wal.sync();
+        let mut result = result;
+        if let Ok(summary) = &mut result {
+            if status == Status::Completed {
+                for (file, dest) in [("config.toml", ""), ("eval_generations.jsonl", "eval")] {
+                    let p = self.files.dir().join(file);
+                    if p.is_file() {
+                        let r = self.tracker.log_artifact(&p, dest);
+                        self.tracker_call("artifact upload", r);
+                    }
+                }
+                if let Some(dir) = &summary.model_dir {
+                    match self.tracker.log_model(dir, self.cfg.register_to.as_deref()) {
+                        Ok(reg) => {
+                            if let Some(r) = &reg {
+                                self.events.push("registered", format!("registered as {r}"))?;
+                            }
+                            summary.registered = reg;
+                        }
+                        Err(e) => self.tracker_call("model logging", Err(e)),
+                    }
+                }
+            }
+        }
+        let r = self.tracker.finish(outcome);
+        self.tracker_call("finish", r);
+        result
+    }
+
+    fn train_loop(&mut self, on_step: &mut dyn FnMut(&Progress)) -> Result<TrainSummary> {
+        let mut losses = Vec::new();
+        let mut last_eval = None;
+        let started = Instant::now();
+        let first_step = self.state.step;
+        let lr_peak = self.cfg.peak_lr();
+        while self.state.step < self.total_steps {
+            if CANCEL.load(Ordering::SeqCst) || self.files.cancel_requested() || crate::interrupt::requested() {
+                self.checkpoint()?;
+                self.events.push("cancelled", format!("stopped at step {} on request; checkpoint written", self.state.step))?;
+                return Ok(TrainSummary {
+                    steps: self.state.step,
+                    losses,
+                    eval: last_eval,
+                    model_dir: None,
+                    registered: None,
+                    status: Status::Stopped,
+                });
+            }
+            let step = self.state.step;
+            let t0 = Instant::now();
+            let lr = learning_rate(self.cfg.schedule, lr_peak, step, self.total_steps, self.warmup, self.cfg.min_lr_ratio);
+            let (loss, grad_norm, tokens) = self.train_step(step, lr)?;
+            self.state.step += 1;
+            self.state.tokens_seen += tokens as u64;
+            self.state.loss = loss;
+            let secs = t0.elapsed().as_secs_f64();
+            let tps = tokens as f64 / secs.max(1e-9);
+            let s = self.state.step as i64;
+            self.log(&[
+                MetricRecord::now("loss/train/total", loss, s),
+                MetricRecord::now("lr", lr, s),
+                MetricRecord::now("grad_norm", grad_norm, s),
+                MetricRecord::now("throughput/tokens_per_sec", tps, s),
+            ])?;
+            losses.push((self.state.step, loss));
+            let done_here = self.state.step - first_step;
+            let eta = started.elapsed().as_secs_f64() / done_here as f64 * (self.total_steps - self.state.step) as f64;
+            let progress = Progress {
+                step: self.state.step,
+                total_steps: self.total_steps,
+                epoch: step as f64 / self.steps_per_epoch as f64,
+                loss,
+                lr,
+                tokens_per_sec: tps,
+                eta_secs: eta,
+                tokens_seen: self.state.tokens_seen,
+            };
+            self.files.write_progress(&progress)?;
+            on_step(&progress);
+            let last = self.state.step == self.total_steps;
+            if !self.eval.is_empty() && ((self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0) || last) {
+                let m = self.evaluate()?;
+                self.log(&[
+                    MetricRecord::now("metrics/eval/LanguageCrossEntropy", m.cross_entropy, s),
+                    MetricRecord::now("metrics/eval/LanguagePerplexity", m.perplexity, s),
+                    MetricRecord::now("metrics/eval/TokenAccuracy", m.token_accuracy, s),
+                ])?;
+                self.events.push(
+                    "eval",
+                    format!(
+                        "step {}: eval cross-entropy {:.4}, perplexity {:.3}, token accuracy {:.3} ({} tokens)",
+                        self.state.step, m.cross_entropy, m.perplexity, m.token_accuracy, m.tokens
+                    ),
+                )?;
+                last_eval = Some(m);
+            }
+            if !last && self.cfg.checkpoint_every > 0 && self.state.step % self.cfg.checkpoint_every == 0 {
+                self.checkpoint()?;
+                self.eval_prompts()?;
+            }
+        }
+        self.checkpoint()?;
+        self.eval_prompts()?;
+        let model_dir = self.save_model()?;
+        self.events.push("completed", format!("trained {} steps; model in {}", self.state.step, model_dir.display()))?;
+        Ok(TrainSummary { steps: self.state.step, losses, eval: last_eval, model_dir: Some(model_dir), registered: None, status: Status::Completed })
+    }
+
+    /// One optimizer step: forward and backward over the step's micro-batches
+    /// (each weighted by its share of the step's target tokens), clipping,
+    /// NaN check, update. Returns (loss, gradient norm before clipping, window tokens).
+    fn train_step(&mut self, step: usize, lr: f64) -> Result<(f64, f64, usize)> {
+        ops::lora_linear::set_dropout_seed(self.cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (step as u64 + 1));
+        let batches: Vec<Vec<Window>> = self.step_batches(step).into_iter().map(|b| b.into_iter().cloned().collect()).collect();
+        let targets: Vec<usize> = batches.iter().map(|b| b.iter().map(|w| w.labels().iter().filter(|&&l| l >= 0).count()).sum()).collect();
+        let total_targets: usize = targets.iter().sum();
+        if total_targets == 0 {
+            bail!("step {}: its windows hold no target token", step + 1);
+        }
+        let vars: Vec<candle_core::Var> = self.opt.vars().map(|(_, v)| v.clone()).collect();
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut loss_sum = 0f64;
+        let mut tokens = 0usize;
+        for (batch, &n) in batches.iter().zip(&targets) {
+            if n == 0 {
+                continue;
+            }
+            let (ids, labels, packing) = batch_tensors(batch, &self.device)?;
+            tokens += batch.len() * self.context_length;
+            let loss = self.model.loss(&ids, &labels, &packing, true)?;
+            let w = n as f64 / total_targets as f64;
+            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += lv * w;
+            if !lv.is_finite() {
+                return self.non_finite(step, "loss", lv);
+            }
+            let grads = (loss * w)?.backward()?;
+            for (slot, v) in acc.iter_mut().zip(&vars) {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let norm = self.opt.grad_norm(&acc)?;
+        if !norm.is_finite() {
+            return self.non_finite(step, "gradient norm", norm);
+        }
+        let scale = match self.cfg.max_grad_norm {
+            Some(m) if m > 0.0 && norm > m => m / (norm + 1e-6),
+            _ => 1.0,
+        };
+        self.opt.step(&acc, lr, scale)?;
+        Ok((loss_sum, norm, tokens))
+    }
+
+    fn non_finite<T>(&mut self, step: usize, what: &str, value: f64) -> Result<T> {
+        let last = self.files.latest_checkpoint()?;
+        let keep = match &last {
+            Some(c) => format!("the last good checkpoint is {}", c.display()),
+            None => "no checkpoint was written before it".to_string(),
+        };
+        let msg = format!(
+            "the {what} became {value} at step {}: training stopped; {keep}. Lower the learning rate (now {}), enable gradient clipping (max_grad_norm), or check the data",
+            step + 1,
+            self.cfg.peak_lr()
+        );
+        self.events.push("nan", msg.clone())?;
+        let _ = self.wal.append(&[MetricRecord::now("loss/train/total", value, step as i64 + 1)]);
+        bail!(msg)
+    }
+
+    /// Streaming evaluation over the eval windows: one window at a time, logits
+    /// only at target positions.
+    pub fn evaluate(&self) -> Result<EvalMetrics> {
+        let mut ce = 0f64;
+        let mut correct = 0usize;
+        let mut n = 0usize;
+        let w_lm = self.model.lm_head_weight();
+        for w in &self.eval {
+            let labels = w.labels();
+            let pos: Vec<u32> = labels.iter().enumerate().filter(|(_, l)| **l >= 0).map(|(i, _)| i as u32).collect();
+            if pos.is_empty() {
+                continue;
+            }
+            let (ids, _, packing) = batch_tensors(&[w.clone()], &self.device)?;
+            let h = self.model.hidden_states(&ids, &packing, false)?.squeeze(0)?.detach();
+            let idx = Tensor::from_vec(pos.clone(), pos.len(), &self.device)?;
+            let logits = ops::linear(&h.index_select(&idx, 0)?, &w_lm.detach())?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (row, &p) in logits.iter().zip(&pos) {
+                let target = labels[p as usize] as usize;
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max as f64 + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln();
+                ce += lse - row[target] as f64;
+                let arg = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+                correct += (arg == target) as usize;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            bail!("the eval data holds no target token");
+        }
+        let cross_entropy = ce / n as f64;
+        Ok(EvalMetrics { cross_entropy, perplexity: cross_entropy.exp(), token_accuracy: correct as f64 / n as f64, tokens: n })
+    }
+
+    fn inference_model(&self) -> Model {
+        Model::new(self.model.clone(), Some(self.tokenizer.clone()))
+    }
+
+    /// Answers the eval prompts with the current weights (greedy) and appends the
+    /// generations to `eval_generations.jsonl`.
+    fn eval_prompts(&mut self) -> Result<()> {
+        if self.cfg.eval_prompts.is_empty() {
+            return Ok(());
+        }
+        let m = self.inference_model();
+        let g = GenerationConfig::greedy(self.cfg.eval_max_new_tokens);
+        let mut lines = String::new();
+        for p in self.cfg.eval_prompts.clone() {
+            let out = match self.cfg.task {
+                super::config::TaskType::ChatCompletion => m.chat_with(&[Message::user(p.clone())], &g, |_| {})?,
+                _ => m.generate_with(&p, &g, |_| {})?,
+            };
+            lines.push_str(&serde_json::to_string(&serde_json::json!({"step": self.state.step, "prompt": p, "response": out.text}))?);
+            lines.push('\n');
+        }
+        use std::io::Write;
+        let path = self.files.dir().join("eval_generations.jsonl");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        f.write_all(lines.as_bytes())?;
+        self.events.push("generations", format!("step {}: {} eval prompts answered (eval_generations.jsonl)", self.state.step, self.cfg.eval_prompts.len()))?;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the current step (weights or adapters, optimizer,
+    /// state) atomically, then drops the oldest beyond `keep_checkpoints`.
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        let dir = self.files.checkpoint_dir(self.state.step);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let tmp = tempfile::Builder::new().prefix(".tmp-ckpt-").tempdir_in(self.files.checkpoints_dir())?;
+        self.save_weights(tmp.path())?;
+        crate::model::write_safetensors(&tmp.path().join("optimizer.safetensors"), &self.opt.state_tensors()?)?;
+        crate::model::io::atomic_write(&tmp.path().join("trainer_state.json"), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
+        let tmp = tmp.keep();
+        std::fs::rename(&tmp, &dir).with_context(|| format!("moving the checkpoint into {}", dir.display()))?;
+        if let Ok(d) = std::fs::File::open(self.files.checkpoints_dir()) {
+            let _ = d.sync_all();
+        }
+        self.wal.sync()?;
+        self.events.push("checkpoint", format!("step {}: checkpoint {}", self.state.step, dir.display()))?;
+        let mut all = self.files.checkpoints()?;
+        while all.len() > self.cfg.keep_checkpoints {
+            let (_, old) = all.remove(0);
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing the old checkpoint {}", old.display()))?;
+        }
+        Ok(dir)
+    }
+
+    fn save_weights(&self, dir: &Path) -> Result<()> {
+        match &self.lora {
+            Some(l) => self.model.save_lora(dir, l, &self.base_name),
+            None => self.model.save_pretrained(dir),
+        }
+    }
+
+    /// Writes the trained model to `<run dir>/model` in Hugging Face layout (the
+    /// adapter and a reference to its base, or full weights) with the tokenizer files.
+    pub fn save_model(&self) -> Result<PathBuf> {
+        let out = self.files.dir().join("model");
+        let tmp = tempfile::Builder::new().prefix(".tmp-model-").tempdir_in(self.files.dir())?;
+        self.save_weights(tmp.path())?;
+        self.tokenizer.save_hf_files(tmp.path())?;
+        if self.lora.is_some() {
+            // Where the base model came from, for loaders that rebuild it.
+            crate::model::io::atomic_write(
+                &tmp.path().join("base_model.json"),
+                serde_json::to_string_pretty(&serde_json::json!({"base_model": self.base_name}))?.as_bytes(),
+            )?;
+        }
+        let tmp = tmp.keep();
+        if out.exists() {
+            std::fs::remove_dir_all(&out)?;
+        }
+        std::fs::rename(&tmp, &out)?;
+        Ok(out)
+    }
+}
+
+/// Input ids `[B, T]`, un-shifted labels (targets where the loss mask is set) and
+/// the packing layout of a micro-batch.
+fn batch_tensors(batch: &[Window], device: &Device) -> Result<(Tensor, Vec<i64>, Packing)> {
+    let t = batch[0].len();
+    let mut ids = Vec::with_capacity(batch.len() * t);
+    let mut labels = Vec::with_capacity(batch.len() * t);
+    let mut segs = Vec::with_capacity(batch.len() * t);
+    for w in batch {
+        ids.extend_from_slice(&w.input_ids);
+        segs.extend_from_slice(&w.segment_ids);
+        labels.extend(w.input_ids.iter().zip(&w.loss_mask).zip(&w.segment_ids).map(|((&id, &m), &s)| {
+            if m != 0 && s != 0 { i64::from(id) } else { ops::IGNORE_INDEX }
+        }));
+    }
+    let packing = Packing::from_segments(segs, batch.len(), t)?;
+    Ok((Tensor::from_vec(ids, (batch.len(), t), device)?, labels, packing))
+}
+
+fn load_custom_weights(llama: &mut LlamaModel, path: &Path, lora: bool) -> Result<()> {
+    if path.join("adapter_model.safetensors").is_file() {
+        if !lora {
+            bail!(
+                "custom_weights_path {} holds a LoRA adapter: add a `lora` section to continue training it, or merge it first",
+                path.display()
+            );
+        }
+        llama.load_lora(path)?;
+        return Ok(());
+    }
+    let has_weights = std::fs::read_dir(path)
+        .with_context(|| format!("custom_weights_path {}: cannot read the directory", path.display()))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+    if !has_weights {
+        bail!(
+            "custom_weights_path {} holds neither adapter_model.safetensors nor model weights (*.safetensors)",
+            path.display()
+        );
+    }
+    let device = llama.device().clone();
+    let loaded = LlamaModel::from_hf_dir(path, &device, DType::F32)
+        .with_context(|| format!("custom_weights_path {}", path.display()))?;
+    if loaded.config.hidden_size != llama.config.hidden_size || loaded.config.num_hidden_layers != llama.config.num_hidden_layers {
+        bail!("custom_weights_path {}: its architecture differs from the base model {}", path.display(), llama.config.model_type);
+    }
+    *llama = loaded;
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is damaged (not the expected JSON)", path.display()))
+}
+
+/// A digest of the options that change what is computed (not names or tracking).
+pub fn config_digest(cfg: &TrainConfig) -> String {
+    let mut c = cfg.clone();
+    c.name.clear();
+    c.experiment = None;
+    c.tracking_uri = None;
+    c.register_to = None;
+    c.eval_prompts.clear();
+    c.checkpoint_every = 0;
+    c.keep_checkpoints = 1;
+    c.eval_every = 0;
+    c.device.clear();
+    let text = serde_json::to_string(&c).unwrap_or_default();
+    // FNV-1a: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
