@@ -579,3 +579,70 @@ fn an_offline_run_syncs_later_with_its_model_and_status() -> Result<()> {
     assert_eq!(Registry::with_client(c).versions("main.offline.offline-run")?.len(), 1);
     Ok(())
 }
+
+/// The whole product path: `tunebook train CONFIG.toml` (the real trainer, in its own
+/// process) tracking to the shared server and registering the result, which then
+/// loads back from the registry and answers like the run's own model.
+#[test]
+fn tunebook_train_tracks_to_mlflow_and_registers_the_model() -> Result<()> {
+    let url = main_url();
+    let c = client(&url);
+    let dir = fresh_dir("train-e2e");
+    let base = dir.join("base");
+    write_tiny_model(&base, LlamaConfig { vocab_size: 705, bos_token_id: Some(0), eos_token_ids: vec![4], ..LlamaConfig::tiny() }, 7)?;
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny_tokenizer");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tok.join(f), base.join(f))?;
+    }
+    let rows: String = (0..24)
+        .map(|i| {
+            let c = ["red", "green", "blue"][i % 3];
+            serde_json::json!({"messages": [{"role": "user", "content": format!("say {c} {i}")}, {"role": "assistant", "content": format!("{c} {c}")}]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), rows)?;
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\ntrain_data = {:?}\nname = \"e2e-bot\"\ntraining_duration = \"12ba\"\nlearning_rate = 1e-2\ncontext_length = 48\n\
+             batch_size = 2\ncheckpoint_every = 6\nseed = 3\nexperiment = \"tunebook-train\"\ntracking_uri = {url:?}\n\
+             register_to = \"main.e2e@champion\"\n[lora]\nr = 4\nalpha = 8.0\ndropout = 0.0\n",
+            base.display().to_string(),
+            dir.join("train.jsonl").display().to_string()
+        ),
+    )?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tunebook"))
+        .arg("train")
+        .arg(&config)
+        .env("TUNEBOOK_RUNS", dir.join("runs"))
+        .env_remove("MLFLOW_TRACKING_URI")
+        .env("TUNEBOOK_MLFLOW_POLL_MS", "50")
+        .output()?;
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let run_dir = dir.join("runs/e2e-bot");
+    let state: tunebook::track::MlflowState = serde_json::from_str(&std::fs::read_to_string(run_dir.join("mlflow.json"))?)?;
+    let run = c.run(&state.run_id)?;
+    assert_eq!(run.info.status, RunStatus::Finished);
+    assert_eq!(run.tag("mlflow.runName"), Some("e2e-bot"));
+    assert_eq!(run.param("training_duration"), Some("12ba"));
+    assert_eq!(c.experiment(&run.info.experiment_id)?.name, "tunebook-train");
+    // Every step's loss, once, as the local log has it.
+    let (local, _) = tunebook::track::wal::read_from(&run_dir, 0, usize::MAX)?;
+    let local_losses: Vec<(i64, f64)> = local.iter().filter(|r| r.key == "loss/train/total").map(|r| (r.step, r.value)).collect();
+    assert_eq!(local_losses.len(), 12);
+    let mut remote: Vec<(i64, f64)> = c.metric_history(&state.run_id, "loss/train/total")?.iter().map(|m| (m.step, m.value)).collect();
+    remote.sort_by_key(|x| x.0);
+    assert_eq!(remote, local_losses);
+    let files: Vec<String> = c.list_artifacts_recursive(run.info.artifact_uri.as_deref().unwrap(), "")?.into_iter().map(|f| f.path).collect();
+    assert!(files.contains(&"config.toml".to_string()), "{files:?}");
+    // Registered and loadable: the adapter on its base answers like the run's model.
+    let reg = Registry::with_client(c).cache_dir(fresh_dir("train-e2e-cache"));
+    let v = reg.resolve("main.e2e.e2e-bot@champion")?;
+    assert_eq!(v.run_id.as_deref(), Some(state.run_id.as_str()));
+    let expected = answers(&Model::load(&run_dir.join("model").to_string_lossy())?)?;
+    assert_eq!(answers(&reg.load_model("main.e2e.e2e-bot@champion")?)?, expected);
+    Ok(())
+}

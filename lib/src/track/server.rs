@@ -254,7 +254,10 @@ fn log_tail(path: &Path, lines: usize) -> String {
 /// The data directory of `tunebook mlflow up`: `$TUNEBOOK_HOME/mlflow`, by default
 /// `~/.tunebook/mlflow`.
 pub fn default_data_dir() -> PathBuf {
-    crate::train::runs_root().parent().map(|p| p.join("mlflow")).unwrap_or_else(|| PathBuf::from("mlflow"))
+    match std::env::var_os("TUNEBOOK_HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join("mlflow"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".tunebook").join("mlflow"),
+    }
 }
 
 /// The server recorded in `data_dir`, if it still answers.
