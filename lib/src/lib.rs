@@ -10,6 +10,7 @@ pub mod data;
 pub mod display;
 pub mod interrupt;
 pub mod model;
+pub mod registry;
 pub mod tokenize;
 pub mod track;
 pub mod train;
@@ -30,7 +31,9 @@ pub mod prelude {
     pub use crate::model::{
         ChatMessage, GenerationConfig, LlamaConfig, LlamaModel, LoraConfig, Model, Packing, TextTokenizer, default_device,
     };
+    pub use crate::registry::Registry;
     pub use crate::tokenize::{Message, Tokenizer};
+    pub use crate::track::{MlflowClient, sync_run};
     pub use crate::train::{self, FineTune, Run, Status, TaskType, TrainConfig};
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;

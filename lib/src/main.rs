@@ -81,6 +81,9 @@ enum Command {
     /// List, inspect and cancel fine-tuning runs.
     #[command(subcommand)]
     Runs(RunsCommand),
+    /// Run a local MLflow tracking server (sqlite and artifacts in a data directory).
+    #[command(subcommand)]
+    Mlflow(MlflowCommand),
 }
 
 #[derive(Subcommand)]
@@ -96,6 +99,25 @@ enum RunsCommand {
     Cancel {
         /// Run name or directory.
         run: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MlflowCommand {
+    /// Start a local MLflow server (or find the running one) and print its URL.
+    Up {
+        /// Port on 127.0.0.1 (default: a free one).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Where the database, artifacts and log go (default: $TUNEBOOK_HOME/mlflow or ~/.tunebook/mlflow).
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+    },
+    /// Stop the local MLflow server.
+    Down {
+        /// The data directory given to `up`.
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -248,6 +270,27 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+        Command::Mlflow(cmd) => {
+            if let Err(e) = mlflow(cmd) {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     ExitCode::SUCCESS
+}
+
+fn mlflow(cmd: MlflowCommand) -> anyhow::Result<()> {
+    use tunebook::track::server;
+    match cmd {
+        MlflowCommand::Up { port, data_dir } => {
+            let (s, already) = server::up(data_dir.as_deref(), port)?;
+            println!("{}", server::up_message(&s, already));
+        }
+        MlflowCommand::Down { data_dir } => match server::down(data_dir.as_deref())? {
+            Some(url) => println!("stopped the MLflow server at {url}"),
+            None => println!("no local MLflow server was running"),
+        },
+    }
+    Ok(())
 }

@@ -371,6 +371,17 @@ pub(crate) fn html_table(
     rows: &[Vec<String>],
     footer: Option<&str>,
 ) -> String {
+    let escaped: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| escape_html(c)).collect()).collect();
+    html_table_trusted(title, headers, &escaped, footer)
+}
+
+/// [`html_table`] with cells that are already HTML (the caller escapes user text).
+pub(crate) fn html_table_trusted(
+    title: Option<&str>,
+    headers: &[String],
+    rows: &[Vec<String>],
+    footer: Option<&str>,
+) -> String {
     let mut h = String::from("<div class=\"tunebook-table\">");
     if let Some(t) = title {
         let _ = write!(h, "<strong>{}</strong>", escape_html(t));
@@ -383,7 +394,7 @@ pub(crate) fn html_table(
     for r in rows {
         h.push_str("<tr>");
         for c in r {
-            let _ = write!(h, "<td style=\"text-align:left;white-space:pre-wrap\">{}</td>", escape_html(c));
+            let _ = write!(h, "<td style=\"text-align:left;white-space:pre-wrap\">{c}</td>");
         }
         h.push_str("</tr>");
     }

@@ -5,9 +5,30 @@
 //! to the run's write-ahead log ([`wal`]) and calls a [`Tracker`] for the rest; a
 //! tracker ships the log from its own thread, so a slow or absent server never
 //! slows a training step and never loses a metric.
+//!
+//! MLflow is the tracking server: [`MlflowClient`] is a typed, blocking REST client
+//! that follows the Python client's conventions (`MLFLOW_TRACKING_URI`,
+//! credentials, TLS options, retries); [`MlflowTracker`] mirrors a run to an
+//! MLflow run; [`sync_run`] ships a run that trained offline; [`server`] starts a
+//! local MLflow server (`tunebook mlflow up`). Models go to the registry through
+//! [`crate::registry`].
 
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod display;
+pub mod params;
+pub mod server;
+pub mod shipper;
+pub mod tracker;
 pub mod wal;
 
+pub use api::{Experiment, FileInfo, KeyValue, Run, RunData, RunInfo, RunStatus};
+pub use client::{MlflowClient, MlflowError};
+pub use config::{Auth, MlflowConfig, RetryPolicy, TlsOptions};
+pub use params::metric_names;
+pub use shipper::ShipProgress;
+pub use tracker::{MlflowState, MlflowTracker, SyncReport, TrackerOptions, TrackingFile, sync_run};
 pub use wal::{MetricRecord, MetricWal, WalCursor};
 
 use anyhow::Result;
@@ -57,16 +78,33 @@ pub trait Tracker: Send {
     fn log_model(&mut self, model_dir: &Path, register_to: Option<&str>) -> Result<Option<String>>;
     /// Ship everything left in the metric log and record how the run ended.
     fn finish(&mut self, outcome: RunOutcome) -> Result<()>;
+    /// One line for the user about where the run's tracking data is: a link to the
+    /// run in a UI, or how to send an offline run to a server later.
+    fn summary(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The tracker used when no tracking server is configured: everything stays in
 /// the run directory, from where `tunebook runs sync RUN` can ship it later.
+/// Its [`summary`](Tracker::summary) says how; [`offline_hint`] says it for a named run.
 #[derive(Default)]
 pub struct LocalTracker;
+
+/// How to send a run that was tracked only locally to an MLflow server later.
+pub fn offline_hint(run_name: &str) -> String {
+    format!(
+        "no MLflow tracking server is set (MLFLOW_TRACKING_URI): the run is tracked locally only. \
+         To send it to MLflow later: `tunebook mlflow up` (or export MLFLOW_TRACKING_URI=...), then `tunebook runs sync {run_name}`"
+    )
+}
 
 impl Tracker for LocalTracker {
     fn start(&mut self, _ctx: &RunContext<'_>) -> Result<()> {
         Ok(())
+    }
+    fn summary(&self) -> Option<String> {
+        Some(offline_hint("RUN"))
     }
     fn log_artifact(&mut self, _local: &Path, _artifact_path: &str) -> Result<()> {
         Ok(())
@@ -79,9 +117,34 @@ impl Tracker for LocalTracker {
     }
 }
 
+/// [`sync_run`] for a run named as `tunebook runs sync RUN` names it: a run
+/// directory, or a run name under [`crate::train::runs_root`].
+pub fn sync_named(run: &str, tracking_uri: Option<&str>) -> Result<SyncReport> {
+    sync_run(&crate::train::resolve_run_dir(run)?, tracking_uri)
+}
+
 /// The tracker for a run: MLflow when a tracking URI is given or set in
-/// `MLFLOW_TRACKING_URI`, otherwise [`LocalTracker`].
+/// `MLFLOW_TRACKING_URI`, otherwise [`LocalTracker`] (whose
+/// [`summary`](Tracker::summary) says how to sync later). An invalid URI is an
+/// error; an unreachable server is not (see [`MlflowTracker`]).
 pub fn tracker_for(tracking_uri: Option<&str>) -> Result<Box<dyn Tracker>> {
-    let _ = tracking_uri;
-    Ok(Box::new(LocalTracker))
+    match tracking_uri.map(str::to_string).or_else(config::tracking_uri_from_env) {
+        Some(uri) => Ok(Box::new(MlflowTracker::new(Some(&uri))?)),
+        None => Ok(Box::new(LocalTracker)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_choice_and_offline_hint() {
+        let e = tracker_for(Some("/tmp/mlruns")).err().expect("a path is not a tracking server").to_string();
+        assert!(e.contains("tunebook mlflow up"), "{e}");
+        let t = tracker_for(Some("http://127.0.0.1:9")).unwrap();
+        assert!(t.summary().unwrap().contains("not reached yet"));
+        assert!(LocalTracker.summary().unwrap().contains("tunebook runs sync"));
+        assert!(offline_hint("my-run").contains("tunebook runs sync my-run"));
+    }
 }
