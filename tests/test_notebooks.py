@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import nbformat
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -54,11 +55,22 @@ def test_hello_notebook(tmp_path):
     assert summary == "1.4"
 
 
-def test_finetune_notebook(tmp_path, monkeypatch):
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real local MLflow server started as the quickstart starts it (`tunebook mlflow up`)."""
+    data = tmp_path / "mlflow"
+    out = subprocess.run(["tunebook", "mlflow", "up", "--data-dir", str(data)], check=True, capture_output=True, text=True).stdout
+    uri = next(l.split("=", 1)[1] for l in out.splitlines() if "export MLFLOW_TRACKING_URI=" in l)
+    yield uri.strip()
+    subprocess.run(["tunebook", "mlflow", "down", "--data-dir", str(data)], check=False)
+
+
+def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
+    # The quickstart's path: tracked in a local MLflow server, registered, loaded back.
     # A short run keeps CI fast; the quickstart trains for a full epoch.
     monkeypatch.setenv("TUNEBOOK_SAMPLE_DURATION", "10ba")
     monkeypatch.setenv("TUNEBOOK_RUNS", str(tmp_path / "runs"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     nb = run_notebook("01-finetune.ipynb", tmp_path)
     cells = outputs_by_tag(nb)
 
@@ -79,3 +91,11 @@ def test_finetune_notebook(tmp_path, monkeypatch):
 
     answer = cells["query"][-1]["data"]["text/plain"]
     assert "2024-05" in answer, answer
+
+    # Registered in MLflow and loaded back from the registry by name/version.
+    served = cells["registry"][-1]["data"]["text/plain"]
+    assert served.startswith("main.samples.dates/1: 1977"), served
+    import urllib.request, json as _json
+    with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/registered-models/get?name=main.samples.dates") as r:
+        model = _json.load(r)["registered_model"]
+    assert model["name"] == "main.samples.dates"

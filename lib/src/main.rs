@@ -100,6 +100,15 @@ enum RunsCommand {
         /// Run name or directory.
         run: String,
     },
+    /// Send a run's metrics, status and model to MLflow (a run trained offline, or
+    /// one whose server was away); sends nothing twice.
+    Sync {
+        /// Run name or directory.
+        run: String,
+        /// MLflow tracking URI (default: the run's own, then MLFLOW_TRACKING_URI).
+        #[arg(long)]
+        tracking_uri: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -109,7 +118,7 @@ enum MlflowCommand {
         /// Port on 127.0.0.1 (default: a free one).
         #[arg(long)]
         port: Option<u16>,
-        /// Where the database, artifacts and log go (default: $TUNEBOOK_HOME/mlflow or ~/.tunebook/mlflow).
+        /// Where the database, artifacts and log go (default: $TUNEBOOK_MLFLOW_DIR or ~/.tunebook/mlflow).
         #[arg(long)]
         data_dir: Option<std::path::PathBuf>,
     },
@@ -264,6 +273,7 @@ fn main() -> ExitCode {
                 RunsCommand::List => tunebook::train::cli::list(),
                 RunsCommand::Show { run } => tunebook::train::cli::show(&run),
                 RunsCommand::Cancel { run } => tunebook::train::cli::cancel(&run),
+                RunsCommand::Sync { run, tracking_uri } => tunebook::train::cli::sync(&run, tracking_uri.as_deref()),
             };
             if let Err(e) = r {
                 eprintln!("error: {e:#}");

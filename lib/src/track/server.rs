@@ -251,11 +251,11 @@ fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The data directory of `tunebook mlflow up`: `$TUNEBOOK_HOME/mlflow`, by default
-/// `~/.tunebook/mlflow`.
+/// The data directory of `tunebook mlflow up`: `$TUNEBOOK_MLFLOW_DIR`, by default
+/// `~/.tunebook/mlflow` (user data beside the runs, not in a cache).
 pub fn default_data_dir() -> PathBuf {
-    match std::env::var_os("TUNEBOOK_HOME").filter(|h| !h.is_empty()) {
-        Some(h) => PathBuf::from(h).join("mlflow"),
+    match std::env::var_os("TUNEBOOK_MLFLOW_DIR").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".tunebook").join("mlflow"),
     }
 }

@@ -82,3 +82,12 @@ pub fn cancel(name: &str) -> Result<()> {
     println!("{}: {st}", run.name());
     Ok(())
 }
+
+/// `tunebook runs sync RUN`: ships the run to MLflow and prints what was sent.
+pub fn sync(name: &str, tracking_uri: Option<&str>) -> Result<()> {
+    let dir = super::resolve_run_dir(name)?;
+    let uri = tracking_uri.map(str::to_string).or_else(|| super::RunFiles::new(&dir).config().ok().and_then(|c| c.tracking_uri));
+    let r = crate::track::sync_run(&dir, uri.as_deref())?;
+    println!("{}", r.text_plain());
+    Ok(())
+}

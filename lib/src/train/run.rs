@@ -331,6 +331,11 @@ impl Run {
         self.files.checkpoints()
     }
 
+    /// The registered model version (`name/version`), once the run registered one.
+    pub fn registered_model(&self) -> Option<String> {
+        self.events().into_iter().rev().find(|e| e.kind == "registered").and_then(|e| e.message.strip_prefix("registered as ").map(str::to_string))
+    }
+
     /// The trained model directory, once completed.
     pub fn model_dir(&self) -> Option<PathBuf> {
         let d = self.dir().join("model");

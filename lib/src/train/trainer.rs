@@ -364,6 +364,9 @@ impl Trainer {
         };
         let r = self.tracker.start(&ctx);
         self.tracker_call("start", r);
+        if let Some(line) = self.tracker.summary() {
+            self.events.push("tracking", line)?;
+        }
         let result = self.train_loop(&mut on_step);
         let (outcome, status) = match &result {
             Ok(s) => (if s.status == Status::Stopped { RunOutcome::Killed } else { RunOutcome::Finished }, s.status),
