@@ -137,8 +137,11 @@ impl Trainer {
             .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
         let mut events = EventLog::open(&files)?;
         let device = select_device(&cfg.device)?;
-        if cfg.precision == Precision::Bf16 && device.is_cpu() {
-            bail!("precision bf16 needs a CUDA device; this run would compute on the CPU (set precision = \"f32\")");
+        if cfg.precision == Precision::Bf16 {
+            if device.is_cpu() {
+                bail!("precision bf16 needs a CUDA device; this run would compute on the CPU (set precision = \"f32\")");
+            }
+            bail!("precision bf16 (bf16 compute with f32 master weights) is not implemented yet; use precision = \"f32\" on CUDA");
         }
 
         // Data first: it is the most common thing to get wrong, and cheap to check.

@@ -3,8 +3,9 @@
 //! Composed from candle ops, a LoRA projection is about ten graph nodes (a random tensor,
 //! a comparison, a cast and two products for dropout, two thin GEMMs, a scale and an add),
 //! each with its own buffers and gradient bookkeeping. Here it is one node: the dropout
-//! mask is regenerated from a seed in the backward pass instead of being stored, and
-//! the small `[N, r]` intermediate is recomputed.
+//! mask is drawn once from a counter-based generator (seeded per call, so a run can
+//! replay it) and kept as one byte per input element for the backward pass, and the
+//! small `[N, r]` intermediate is kept too.
 
 use super::gemm::{Threads, sgemm};
 use super::{cpu_tensor, fusable, slice_f32, tracked, with_f32};
@@ -37,6 +38,7 @@ fn mix(seed: u64, i: u64) -> u64 {
 
 /// Multiplies `v[j]` (element `start + j` of the input) by the dropout factor: 0 with
 /// probability `p`, else `1/(1−p)`. Four 16-bit draws per hash; `start` must be a multiple of 4.
+#[cfg(test)]
 fn apply_mask(seed: u64, p: f32, start: usize, v: &mut [f32]) {
     debug_assert_eq!(start % 4, 0);
     let threshold = (p * 65536.0).round() as u32;
@@ -48,6 +50,35 @@ fn apply_mask(seed: u64, p: f32, start: usize, v: &mut [f32]) {
             *x = if draw >= threshold { *x * inv } else { 0.0 };
         }
     }
+}
+
+/// The keep/drop decisions of [`apply_mask`] for `len` elements, one byte each (1 = kept).
+fn mask_bytes(seed: u64, p: f32, len: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let threshold = (p * 65536.0).round() as u32;
+    let mut out = vec![0u8; len];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
+        let start = ci * CHUNK;
+        for (c, quad) in chunk.chunks_mut(4).enumerate() {
+            let h = mix(seed, ((start / 4) + c) as u64);
+            for (j, m) in quad.iter_mut().enumerate() {
+                *m = (((h >> (16 * j)) & 0xFFFF) as u32 >= threshold) as u8;
+            }
+        }
+    });
+    out
+}
+
+/// `v[i] · mask[i] / (1 − p)`, in place.
+fn apply_mask_bytes(mask: &[u8], p: f32, v: &mut [f32]) {
+    use rayon::prelude::*;
+    let inv = 1.0 / (1.0 - p);
+    v.par_chunks_mut(1 << 14).zip(mask.par_chunks(1 << 14)).for_each(|(v, m)| {
+        for (x, &k) in v.iter_mut().zip(m) {
+            *x *= if k != 0 { inv } else { 0.0 };
+        }
+    });
 }
 
 /// `x·Wᵀ + scale·(dropout_p(x)·Aᵀ)·Bᵀ` for `x` `[.., K]`, frozen `w` `[M, K]`, `a` `[r, K]`,
@@ -65,7 +96,14 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, d
         let base = super::linear(x, w)?;
         return base + (super::linear(&super::linear(&xd, a)?, b)? * scale)?;
     }
-    let op = LoraOp { w: w.contiguous()?, scale: scale as f32, p, seed: next_seed(), t: std::sync::Mutex::new(None) };
+    let op = LoraOp {
+        w: w.contiguous()?,
+        scale: scale as f32,
+        p,
+        seed: next_seed(),
+        t: std::sync::Mutex::new(None),
+        mask: std::sync::Mutex::new(None),
+    };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
 
@@ -76,10 +114,14 @@ struct LoraOp {
     seed: u64,
     /// `dropout(x)·Aᵀ` (`[N, r]`, small) from the forward pass, reused by the backward pass.
     t: std::sync::Mutex<Option<Vec<f32>>>,
+    /// The forward pass's dropout decisions (one byte per input element), so the backward
+    /// pass applies the same mask without drawing it again.
+    mask: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl LoraOp {
-    /// `dropout(x)`, or `None` without dropout.
+    /// `dropout(x)`, or `None` without dropout. The mask is drawn once (by the
+    /// forward pass) and kept for the backward pass.
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
         if self.p <= 0.0 {
             return None;
@@ -91,8 +133,13 @@ impl LoraOp {
 
     /// Applies the dropout mask (and its 1/(1−p) scale) to a buffer shaped like the input.
     fn mask_in_place(&self, v: &mut [f32]) {
-        const ROW: usize = 4096;
-        super::par_rows(v, ROW, |r, o| apply_mask(self.seed, self.p, r * ROW, o));
+        let mut slot = self.mask.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_none_or(|m| m.len() != v.len()) {
+            *slot = Some(mask_bytes(self.seed, self.p, v.len()));
+        }
+        if let Some(m) = slot.as_deref() {
+            apply_mask_bytes(m, self.p, v);
+        }
     }
 }
 
@@ -210,6 +257,10 @@ mod tests {
         let mut w = vec![1f32; 100_000];
         apply_mask(43, 0.3, 0, &mut w);
         assert_ne!(v, w, "another seed, another mask");
+        // The stored byte mask draws exactly the same decisions.
+        let mut u = vec![1f32; 100_000];
+        apply_mask_bytes(&mask_bytes(42, 0.3, u.len()), 0.3, &mut u);
+        assert_eq!(u, v);
     }
 
     #[test]
