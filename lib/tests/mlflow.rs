@@ -608,7 +608,7 @@ fn tunebook_train_tracks_to_mlflow_and_registers_the_model() -> Result<()> {
         &config,
         format!(
             "model = {:?}\ntrain_data = {:?}\nname = \"e2e-bot\"\ntraining_duration = \"12ba\"\nlearning_rate = 1e-2\ncontext_length = 48\n\
-             batch_size = 2\ncheckpoint_every = 6\nseed = 3\nexperiment = \"tunebook-train\"\ntracking_uri = {url:?}\n\
+             batch_size = 2\ncheckpoint_every = 6\nlog_checkpoints = true\nseed = 3\nexperiment = \"tunebook-train\"\ntracking_uri = {url:?}\n\
              register_to = \"main.e2e@champion\"\n[lora]\nr = 4\nalpha = 8.0\ndropout = 0.0\n",
             base.display().to_string(),
             dir.join("train.jsonl").display().to_string()
@@ -637,7 +637,9 @@ fn tunebook_train_tracks_to_mlflow_and_registers_the_model() -> Result<()> {
     remote.sort_by_key(|x| x.0);
     assert_eq!(remote, local_losses);
     let files: Vec<String> = c.list_artifacts_recursive(run.info.artifact_uri.as_deref().unwrap(), "")?.into_iter().map(|f| f.path).collect();
-    assert!(files.contains(&"config.toml".to_string()), "{files:?}");
+    for f in ["config.toml", "data_report.json", "plots/loss.svg", "checkpoints/step-00000006/optimizer.safetensors", "checkpoints/step-00000012/trainer_state.json"] {
+        assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
+    }
     // Registered and loadable: the adapter on its base answers like the run's model.
     let reg = Registry::with_client(c).cache_dir(fresh_dir("train-e2e-cache"));
     let v = reg.resolve("main.e2e.e2e-bot@champion")?;

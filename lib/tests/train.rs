@@ -121,10 +121,16 @@ fn lora_fit_learns_and_writes_model_metrics_and_checkpoints() -> Result<()> {
     assert_eq!(cks.len(), 2, "{cks:?}");
     assert_eq!(cks.last().unwrap().0, summary.steps);
     for (_, d) in &cks {
-        for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json"] {
+        for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json", "config.toml"] {
             assert!(d.join(f).is_file(), "{} lacks {f}", d.display());
         }
     }
+    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cks.last().unwrap().1.join("trainer_state.json"))?)?;
+    assert_eq!(st["state"]["step"], summary.steps);
+    assert!(st["data_position"]["steps_per_epoch"].as_u64().unwrap() > 0 && st["scheduler"]["next_lr"].is_number() && st["rng"]["seed"].is_number(), "{st}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.dir().join("data_report.json"))?)?;
+    assert!(report["train"]["windows"].as_u64().unwrap() > 0 && report["eval"]["examples"].as_u64().unwrap() == 12, "{report}");
+    assert!(std::fs::read_to_string(run.dir().join("loss.svg"))?.contains("<svg"));
     // The model: a PEFT adapter plus tokenizer files.
     let m = summary.model_dir.unwrap();
     for f in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json"] {

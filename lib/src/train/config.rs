@@ -206,6 +206,8 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints to keep (the newest ones).
     pub keep_checkpoints: usize,
+    /// Also upload every checkpoint to the tracking server (as artifacts `checkpoints/step-N`).
+    pub log_checkpoints: bool,
     /// Evaluate every N optimizer steps (0: only at the end).
     pub eval_every: usize,
     /// Most evaluation windows per evaluation (0: all).
@@ -254,6 +256,7 @@ impl Default for TrainConfig {
             seed: 42,
             checkpoint_every: 0,
             keep_checkpoints: 2,
+            log_checkpoints: false,
             eval_every: 0,
             eval_max_windows: 0,
             eval_max_new_tokens: 64,

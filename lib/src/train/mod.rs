@@ -268,6 +268,8 @@ impl FineTune {
         checkpoint_every: usize => checkpoint_every;
         /// Checkpoints kept.
         keep_checkpoints: usize => keep_checkpoints;
+        /// Upload every checkpoint to the tracking server too.
+        log_checkpoints: bool => log_checkpoints;
         /// Evaluate every N steps.
         eval_every: usize => eval_every;
         /// Most evaluation windows per evaluation (0: all).

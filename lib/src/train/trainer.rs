@@ -175,22 +175,33 @@ impl Trainer {
             bail!("context_length {context_length} exceeds the model's maximum of {max_ctx} tokens");
         }
         let tokenizer = model.tokenizer.clone().context("the model has no tokenizer: the run needs one to read its data")?;
-        let pack = |ds: &Dataset, shuffle: bool| -> Result<Vec<Window>> {
+        let mut report = serde_json::Map::new();
+        let mut pack = |ds: &Dataset, shuffle: bool, what: &str| -> Result<Vec<Window>> {
             let t = ds.tokenize(&data_tok, &popts)?;
             let mut o = PackOptions::new(context_length).packing(cfg.packing);
             if shuffle {
                 o = o.shuffle(cfg.seed);
             }
-            Ok(t.pack(&o).windows)
+            let p = t.pack(&o);
+            report.insert(
+                what.to_string(),
+                serde_json::json!({
+                    "source": ds.source(), "rows": ds.len(), "examples": p.examples, "truncated": p.truncated,
+                    "dropped": p.dropped, "windows": p.windows.len(), "context_length": context_length,
+                    "real_tokens": p.real_tokens, "trainable_tokens": p.trainable_tokens,
+                    "packing_efficiency": p.efficiency(), "template_problems": t.problems.len(),
+                }),
+            );
+            Ok(p.windows)
         };
-        let train = pack(&train_ds, true)?;
+        let train = pack(&train_ds, true, "train")?;
         let train: Vec<Window> = train.into_iter().filter(|w| w.labels().iter().any(|&l| l >= 0)).collect();
         if train.is_empty() {
             bail!("train_data {:?} gives no token to learn from (every example is empty or has no target tokens)", cfg.train_data);
         }
         let eval = match &eval_ds {
             Some(ds) => {
-                let mut w = pack(ds, false)?;
+                let mut w = pack(ds, false, "eval")?;
                 if cfg.eval_max_windows > 0 {
                     w.truncate(cfg.eval_max_windows);
                 }
@@ -199,6 +210,10 @@ impl Trainer {
             None => vec![],
         };
 
+        crate::model::io::atomic_write(
+            &files.dir().join("data_report.json"),
+            serde_json::to_string_pretty(&serde_json::Value::Object(report))?.as_bytes(),
+        )?;
         let lora = cfg.lora.as_ref().map(|l| LoraConfig {
             r: l.r,
             alpha: l.alpha,
@@ -230,7 +245,9 @@ impl Trainer {
         let mut state = TrainerState { step: 0, total_steps, tokens_seen: 0, loss: f64::NAN, config_digest: digest.clone() };
         let resumed_from = latest.clone();
         if let Some(ck) = &latest {
-            let st: TrainerState = read_json(&ck.join("trainer_state.json"))?;
+            let v: serde_json::Value = read_json(&ck.join("trainer_state.json"))?;
+            let st: TrainerState = serde_json::from_value(v["state"].clone())
+                .with_context(|| format!("{}/trainer_state.json lacks the trainer state", ck.display()))?;
             if st.config_digest != digest {
                 bail!(
                     "{} was written with a different configuration; start a new run (or restore the run's config.toml)",
@@ -379,7 +396,10 @@ impl Trainer {
         let mut result = result;
         if let Ok(summary) = &mut result {
             if status == Status::Completed {
-                for (file, dest) in [("config.toml", ""), ("eval_generations.jsonl", "eval")] {
+                if let Ok(Some(svg)) = super::Run::open(self.files.dir()).and_then(|r| r.plot()).map(|p| crate::display::Render::svg(&p)) {
+                    let _ = crate::model::io::atomic_write(&self.files.dir().join("loss.svg"), svg.as_bytes());
+                }
+                for (file, dest) in [("config.toml", ""), ("data_report.json", ""), ("eval_generations.jsonl", "eval"), ("loss.svg", "plots")] {
                     let p = self.files.dir().join(file);
                     if p.is_file() {
                         let r = self.tracker.log_artifact(&p, dest);
@@ -472,11 +492,13 @@ impl Trainer {
                 last_eval = Some(m);
             }
             if !last && self.cfg.checkpoint_every > 0 && self.state.step % self.cfg.checkpoint_every == 0 {
-                self.checkpoint()?;
+                let dir = self.checkpoint()?;
+                self.upload_checkpoint(&dir);
                 self.eval_prompts()?;
             }
         }
-        self.checkpoint()?;
+        let dir = self.checkpoint()?;
+        self.upload_checkpoint(&dir);
         self.eval_prompts()?;
         let model_dir = self.save_model()?;
         self.events.push("completed", format!("trained {} steps; model in {}", self.state.step, model_dir.display()))?;
@@ -487,7 +509,7 @@ impl Trainer {
     /// (each weighted by its share of the step's target tokens), clipping,
     /// NaN check, update. Returns (loss, gradient norm before clipping, window tokens).
     fn train_step(&mut self, step: usize, lr: f64) -> Result<(f64, f64, usize)> {
-        ops::lora_linear::set_dropout_seed(self.cfg.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (step as u64 + 1));
+        ops::lora_linear::set_dropout_seed(dropout_seed(self.cfg.seed, step));
         let batches: Vec<Vec<Window>> = self.step_batches(step).into_iter().map(|b| b.into_iter().cloned().collect()).collect();
         let targets: Vec<usize> = batches.iter().map(|b| b.iter().map(|w| w.labels().iter().filter(|&&l| l >= 0).count()).sum()).collect();
         let total_targets: usize = targets.iter().sum();
@@ -622,7 +644,17 @@ impl Trainer {
         let tmp = tempfile::Builder::new().prefix(".tmp-ckpt-").tempdir_in(self.files.checkpoints_dir())?;
         self.save_weights(tmp.path())?;
         crate::model::write_safetensors(&tmp.path().join("optimizer.safetensors"), &self.opt.state_tensors()?)?;
-        crate::model::io::atomic_write(&tmp.path().join("trainer_state.json"), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
+        // Everything a resume needs is a function of the step and the config; the
+        // derived positions are written out so a reader need not recompute them.
+        let step = self.state.step;
+        let state = serde_json::json!({
+            "state": self.state,
+            "data_position": {"epoch": step / self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch},
+            "scheduler": {"schedule": self.cfg.schedule, "next_lr": learning_rate(self.cfg.schedule, self.cfg.peak_lr(), step, self.total_steps, self.warmup, self.cfg.min_lr_ratio), "warmup_steps": self.warmup, "total_steps": self.total_steps},
+            "rng": {"seed": self.cfg.seed, "next_dropout_seed": dropout_seed(self.cfg.seed, step)},
+        });
+        crate::model::io::atomic_write(&tmp.path().join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        crate::model::io::atomic_write(&tmp.path().join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
         let tmp = tmp.keep();
         std::fs::rename(&tmp, &dir).with_context(|| format!("moving the checkpoint into {}", dir.display()))?;
         if let Ok(d) = std::fs::File::open(self.files.checkpoints_dir()) {
@@ -636,6 +668,14 @@ impl Trainer {
             std::fs::remove_dir_all(&old).with_context(|| format!("removing the old checkpoint {}", old.display()))?;
         }
         Ok(dir)
+    }
+
+    fn upload_checkpoint(&mut self, dir: &Path) {
+        if self.cfg.log_checkpoints {
+            let dest = format!("checkpoints/{}", dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+            let r = self.tracker.log_artifact(dir, &dest);
+            self.tracker_call("checkpoint upload", r);
+        }
     }
 
     fn save_weights(&self, dir: &Path) -> Result<()> {
@@ -666,6 +706,11 @@ impl Trainer {
         std::fs::rename(&tmp, &out)?;
         Ok(out)
     }
+}
+
+/// The dropout generator's start for optimizer step `step` (0-based).
+fn dropout_seed(seed: u64, step: usize) -> u64 {
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (step as u64 + 1)
 }
 
 /// Input ids `[B, T]`, un-shifted labels (targets where the loss mask is set) and
@@ -731,6 +776,7 @@ pub fn config_digest(cfg: &TrainConfig) -> String {
     c.register_to = None;
     c.eval_prompts.clear();
     c.checkpoint_every = 0;
+    c.log_checkpoints = false;
     c.keep_checkpoints = 1;
     c.eval_every = 0;
     c.device.clear();
