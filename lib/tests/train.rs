@@ -373,3 +373,51 @@ fn a_worker_that_dies_before_training_reads_as_failed_with_its_log() -> Result<(
     assert!(err.contains("dies-early"), "{err}");
     Ok(())
 }
+
+#[test]
+fn bf16_runs_compute_in_bf16_keep_f32_masters_and_learn() -> Result<()> {
+    let f = fixture(40)?;
+    for (name, lora) in [("bf16-lora", true), ("bf16-full", false)] {
+        let mut ft = FineTune::new(f.model.display().to_string())
+            .name(name)
+            .train_data(f.data.as_path())
+            .eval_split(0.2)
+            .eval_prompts(["say red 1"])
+            .eval_max_new_tokens(4)
+            .precision(tunebook::train::Precision::Bf16)
+            .device("cpu")
+            .learning_rate(if lora { 2e-2 } else { 2e-3 })
+            .context_length(64)
+            .batch_size(2)
+            .training_duration("3ep");
+        if lora {
+            ft = ft.lora(4, 8.0, 0.0, &[]);
+        }
+        // The model computes in bf16 (its weights are bf16), whatever the optimizer holds.
+        let probe = tempfile::tempdir()?;
+        let mut cfg = ft.config().clone();
+        cfg.train_data = f.data.display().to_string();
+        let t = tunebook::train::Trainer::new(cfg, probe.path(), Box::new(tunebook::track::LocalTracker))?;
+        assert_eq!(t.model().embed_tokens.dtype(), candle_core::DType::BF16, "{name}");
+        assert_eq!(t.model().layers[0].self_attn.q_proj.weight.dtype(), candle_core::DType::BF16, "{name}");
+        drop(t);
+        let summary = ft.fit()?;
+        let l = &summary.losses;
+        let (first, last) = (l[0].1, l[l.len() - 1].1);
+        assert!(last < first * 0.8, "{name}: the loss should fall in bf16: {first} -> {last}");
+        assert!(summary.eval.is_some_and(|e| e.cross_entropy.is_finite()));
+        let run = Run::attach(name)?;
+        assert!(run.events().iter().any(|e| e.kind == "precision"));
+        // What is saved is the f32 master weights, not their bf16 casts.
+        let dir = summary.model_dir.unwrap();
+        let file = if lora { "adapter_model.safetensors" } else { "model.safetensors" };
+        let tensors = candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu)?;
+        assert!(tensors.values().all(|t| t.dtype() == candle_core::DType::F32), "{name}: {file} holds f32 tensors");
+        if !lora {
+            // Masters carry updates smaller than bf16 can represent: some value is not a bf16 number.
+            let w = tensors.values().find(|t| t.rank() == 2).unwrap().flatten_all()?.to_vec1::<f32>()?;
+            assert!(w.iter().any(|&x| half::bf16::from_f32(x).to_f32() != x), "{name}: weights look like bf16 casts");
+        }
+    }
+    Ok(())
+}

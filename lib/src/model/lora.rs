@@ -93,8 +93,9 @@ impl LoraAdapter {
     /// `(dropout(x)·Aᵀ·Bᵀ)·scale`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = if train && self.dropout > 0.0 { candle_nn::ops::dropout(x, self.dropout)? } else { x.clone() };
-        let h = ops::linear(&x, self.a.as_tensor())?;
-        Ok((ops::linear(&h, self.b.as_tensor())? * self.scale)?)
+        // The f32 adapter is cast to the input's dtype (bf16 compute); gradients flow back in f32.
+        let h = ops::linear(&x, &self.a.as_tensor().to_dtype(x.dtype())?)?;
+        Ok((ops::linear(&h, &self.b.as_tensor().to_dtype(x.dtype())?)? * self.scale)?)
     }
 
     /// `scale · B·A`, the dense update (`[out, in]`).
@@ -127,7 +128,8 @@ impl LlamaModel {
         config.validate()?;
         self.freeze_all()?;
         let device = self.device().clone();
-        let dtype = self.dtype();
+        // Adapters are f32 whatever the base weights are (f32 master weights under bf16).
+        let dtype = DType::F32;
         let scale = config.scale();
         for (l, layer) in self.layers.iter_mut().enumerate() {
             for (i, (sub, lin)) in layer.linears_mut().into_iter().enumerate() {
@@ -266,7 +268,7 @@ impl LlamaModel {
         }
         self.freeze_all()?;
         let scale = config.scale();
-        let dtype = self.dtype();
+        let dtype = DType::F32;
         let device = self.device().clone();
         let mut used = 0;
         for (l, layer) in self.layers.iter_mut().enumerate() {

@@ -97,6 +97,9 @@ pub struct Trainer {
     events: EventLog,
     tracker: Box<dyn Tracker>,
     device: Device,
+    /// bf16 full fine-tuning: the f32 master weights the optimizer updates; the model
+    /// computes with bf16 casts of them, refreshed before every step.
+    masters: Option<Vec<(String, candle_core::Var)>>,
 }
 
 fn chat_loss(s: ChatLossSetting) -> ChatLoss {
@@ -137,12 +140,6 @@ impl Trainer {
             .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
         let mut events = EventLog::open(&files)?;
         let device = select_device(&cfg.device)?;
-        if cfg.precision == Precision::Bf16 {
-            if device.is_cpu() {
-                bail!("precision bf16 needs a CUDA device; this run would compute on the CPU (set precision = \"f32\")");
-            }
-            bail!("precision bf16 (bf16 compute with f32 master weights) is not implemented yet; use precision = \"f32\" on CUDA");
-        }
 
         // Data first: it is the most common thing to get wrong, and cheap to check.
         let source = resolve_model(&cfg.model)?;
@@ -280,8 +277,24 @@ impl Trainer {
         if vars.is_empty() {
             bail!("nothing to train: the model has no trainable parameter");
         }
+        // bf16: the model computes in bf16; everything the optimizer updates stays f32.
+        let masters = match (cfg.precision, &lora) {
+            (Precision::F32, _) => None,
+            (Precision::Bf16, Some(_)) => {
+                // Frozen base weights become bf16; the adapters are f32 already.
+                llama.visit_tensors_mut(|_, t| {
+                    *t = t.to_dtype(DType::BF16)?;
+                    Ok(())
+                })?;
+                None
+            }
+            (Precision::Bf16, None) => Some(vars.clone()),
+        };
         let mut opt = AdamW::new(
-            vars,
+            match &masters {
+                Some(m) => m.clone(),
+                None => vars,
+            },
             AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
         )?;
         if let Some(ck) = &latest {
@@ -302,8 +315,11 @@ impl Trainer {
                 ),
             )?,
         }
+        if cfg.precision == Precision::Bf16 {
+            events.push("precision", "bf16 compute with f32 master weights")?;
+        }
         let base_name = cfg.model.clone();
-        Ok(Trainer {
+        let mut trainer = Trainer {
             cfg,
             files,
             model: llama,
@@ -322,7 +338,40 @@ impl Trainer {
             events,
             tracker,
             device,
-        })
+            masters,
+        };
+        trainer.refresh_compute_weights()?;
+        Ok(trainer)
+    }
+
+    /// bf16 full fine-tuning: points the model's weights at fresh bf16 casts of the
+    /// f32 masters (differentiable, so gradients reach the masters).
+    fn refresh_compute_weights(&mut self) -> Result<()> {
+        if let Some(masters) = &self.masters {
+            let by_name: std::collections::HashMap<&str, &candle_core::Var> = masters.iter().map(|(n, v)| (n.as_str(), v)).collect();
+            self.model.visit_tensors_mut(|name, t| {
+                if let Some(v) = by_name.get(name) {
+                    *t = v.as_tensor().to_dtype(DType::BF16)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The model with its f32 weights (the masters under bf16), for saving.
+    fn model_to_save(&self) -> Result<LlamaModel> {
+        let mut m = self.model.clone();
+        if let Some(masters) = &self.masters {
+            let by_name: std::collections::HashMap<&str, &candle_core::Var> = masters.iter().map(|(n, v)| (n.as_str(), v)).collect();
+            m.visit_tensors_mut(|name, t| {
+                if let Some(v) = by_name.get(name) {
+                    *t = v.as_tensor().clone();
+                }
+                Ok(())
+            })?;
+        }
+        Ok(m)
     }
 
     /// Steps the run takes in all.
@@ -552,6 +601,7 @@ impl Trainer {
             _ => 1.0,
         };
         self.opt.step(&acc, lr, scale)?;
+        self.refresh_compute_weights()?;
         Ok((loss_sum, norm, tokens))
     }
 
@@ -681,7 +731,7 @@ impl Trainer {
     fn save_weights(&self, dir: &Path) -> Result<()> {
         match &self.lora {
             Some(l) => self.model.save_lora(dir, l, &self.base_name),
-            None => self.model.save_pretrained(dir),
+            None => self.model_to_save()?.save_pretrained(dir),
         }
     }
 

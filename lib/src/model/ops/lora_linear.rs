@@ -92,6 +92,8 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, d
         candle_core::bail!("lora_linear: x {:?}, W {:?}, A {:?}, B {:?} do not fit together", x.dims(), w.dims(), a.dims(), b.dims());
     }
     if !(fusable(x) && w.dtype() == DType::F32 && a.dtype() == DType::F32 && !tracked(w)) {
+        // Adapters are f32 masters: cast them to the compute dtype (the cast is differentiable).
+        let (a, b) = (&a.to_dtype(x.dtype())?, &b.to_dtype(x.dtype())?);
         let xd = if p > 0.0 { candle_nn::ops::dropout(x, p)? } else { x.clone() };
         let base = super::linear(x, w)?;
         return base + (super::linear(&super::linear(&xd, a)?, b)? * scale)?;
