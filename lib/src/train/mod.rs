@@ -60,15 +60,12 @@ pub fn runs() -> Result<crate::display::Table> {
     Ok(run::table(&run::list()?))
 }
 
-/// The configuration as tracking parameters, without secrets (keys that look
-/// like credentials, and user info inside URIs).
+/// The configuration as tracking parameters, without secrets (what
+/// [`crate::track::params::is_secret`] calls one, and user info inside URIs).
 pub fn redacted_params(cfg: &TrainConfig) -> Vec<(String, String)> {
     cfg.flatten()
         .into_iter()
-        .filter(|(k, _)| {
-            let k = k.to_ascii_lowercase();
-            !["token", "password", "secret", "credential", "api_key"].iter().any(|s| k.contains(s))
-        })
+        .filter(|(k, v)| !crate::track::params::is_secret(k, v))
         .map(|(k, v)| match url::Url::parse(&v) {
             Ok(mut u) if u.has_host() && (!u.username().is_empty() || u.password().is_some()) => {
                 let _ = u.set_username("");
@@ -543,4 +540,24 @@ pub fn run_in_process(dir: &Path, on_step: impl FnMut(&Progress)) -> Result<Trai
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_drop_credentials_but_keep_options_that_mention_tokens() {
+        let cfg = TrainConfig {
+            model: "m".into(),
+            train_data: "d".into(),
+            tracking_uri: Some("http://alice:s3cret@mlflow.example:5000/".into()),
+            ..TrainConfig::default()
+        };
+        let p = redacted_params(&cfg);
+        let get = |k: &str| p.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("tracking_uri"), Some("http://mlflow.example:5000/"));
+        assert_eq!(get("eval_max_new_tokens"), Some("64"), "a token count is not a secret");
+        assert!(p.iter().all(|(_, v)| !v.contains("s3cret")));
+    }
 }
