@@ -85,9 +85,7 @@ pub fn cancel(name: &str) -> Result<()> {
 
 /// `tunebook runs sync RUN`: ships the run to MLflow and prints what was sent.
 pub fn sync(name: &str, tracking_uri: Option<&str>) -> Result<()> {
-    let dir = super::resolve_run_dir(name)?;
-    let uri = tracking_uri.map(str::to_string).or_else(|| super::RunFiles::new(&dir).config().ok().and_then(|c| c.tracking_uri));
-    let r = crate::track::sync_run(&dir, uri.as_deref())?;
+    let r = crate::track::sync_named(name, tracking_uri)?;
     println!("{}", r.text_plain());
     Ok(())
 }

@@ -292,13 +292,11 @@ impl Run {
     pub fn status_file(&self) -> Result<StatusFile> {
         let mut s = self.files.status()?;
         if matches!(s.status, Status::Running | Status::Pending) {
-            if let Some(pid) = s.pid {
-                // Read the status again after the liveness check: the worker may have
-                // finished (and written its final status) in between.
-                if !worker_alive(pid) {
-                    s = self.files.status()?;
-                }
-                if matches!(s.status, Status::Running | Status::Pending) && !worker_alive(pid) {
+            if let Some(pid) = s.pid.filter(|&pid| !worker_alive(pid)) {
+                // Read the status again: the worker may have written its final status
+                // just before it exited.
+                s = self.files.status()?;
+                if matches!(s.status, Status::Running | Status::Pending) {
                     let log = self.dir().join("worker.log");
                     let tail = std::fs::read_to_string(&log).unwrap_or_default();
                     let tail: Vec<&str> = tail.lines().rev().take(5).collect();
@@ -364,11 +362,12 @@ impl Run {
 
     /// The training loss (and eval cross-entropy, when evaluated) against the step.
     pub fn plot(&self) -> Result<LinePlot> {
-        let pts = |k: &str| -> Result<Vec<(f64, f64)>> {
-            Ok(self.metric(k)?.into_iter().filter(|(_, v)| v.is_finite()).map(|(s, v)| (s as f64, v)).collect())
+        let (recs, _) = crate::track::wal::read_from(self.dir(), 0, usize::MAX)?;
+        let pts = |k: &str| -> Vec<(f64, f64)> {
+            recs.iter().filter(|r| r.key == k && r.value.is_finite()).map(|r| (r.step as f64, r.value)).collect()
         };
-        let mut p = LinePlot::new(format!("{}: loss", self.name())).labels("step", "loss").line(Line::new("train", pts("loss/train/total")?));
-        let eval = pts("metrics/eval/LanguageCrossEntropy")?;
+        let mut p = LinePlot::new(format!("{}: loss", self.name())).labels("step", "loss").line(Line::new("train", pts("loss/train/total")));
+        let eval = pts("metrics/eval/LanguageCrossEntropy");
         if !eval.is_empty() {
             p = p.line(Line::new("eval", eval));
         }

@@ -110,10 +110,21 @@ pub struct ExactMatch {
     pub rows: Vec<(String, String, String)>,
 }
 
+/// Whether `answer` is exactly `expected`, ignoring surrounding whitespace.
+fn is_exact(expected: &str, answer: &str) -> bool {
+    expected.trim() == answer.trim()
+}
+
 impl ExactMatch {
+    /// Scores the rows.
+    fn new(rows: Vec<(String, String, String)>) -> Self {
+        let correct = rows.iter().filter(|(_, e, a)| is_exact(e, a)).count();
+        ExactMatch { accuracy: if rows.is_empty() { 0.0 } else { correct as f64 / rows.len() as f64 }, rows }
+    }
+
     /// Exact answers.
     pub fn correct(&self) -> usize {
-        self.rows.iter().filter(|(_, e, a)| e.trim() == a.trim()).count()
+        self.rows.iter().filter(|(_, e, a)| is_exact(e, a)).count()
     }
 }
 
@@ -142,8 +153,7 @@ pub fn exact_match(model: &Model, data: &Dataset, limit: usize, max_new_tokens: 
         let question = prompt.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
         rows.push((question, last.content.clone(), out.text.trim().to_string()));
     }
-    let correct = rows.iter().filter(|(_, e, a)| e.trim() == a.trim()).count();
-    Ok(ExactMatch { accuracy: if rows.is_empty() { 0.0 } else { correct as f64 / rows.len() as f64 }, rows })
+    Ok(ExactMatch::new(rows))
 }
 
 impl ExactMatch {
@@ -155,7 +165,7 @@ impl ExactMatch {
             self.accuracy * 100.0
         ));
         for (p, e, a) in self.rows.iter().take(10) {
-            t.push([p.lines().last().unwrap_or(p).to_string(), e.clone(), a.clone(), if e.trim() == a.trim() { "yes" } else { "no" }.into()]);
+            t.push([p.lines().last().unwrap_or(p).to_string(), e.clone(), a.clone(), if is_exact(e, a) { "yes" } else { "no" }.into()]);
         }
         t
     }

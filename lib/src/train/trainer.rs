@@ -347,30 +347,13 @@ impl Trainer {
     /// bf16 full fine-tuning: points the model's weights at fresh bf16 casts of the
     /// f32 masters (differentiable, so gradients reach the masters).
     fn refresh_compute_weights(&mut self) -> Result<()> {
-        if let Some(masters) = &self.masters {
-            let by_name: std::collections::HashMap<&str, &candle_core::Var> = masters.iter().map(|(n, v)| (n.as_str(), v)).collect();
-            self.model.visit_tensors_mut(|name, t| {
-                if let Some(v) = by_name.get(name) {
-                    *t = v.as_tensor().to_dtype(DType::BF16)?;
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
+        point_at_masters(self.masters.as_deref(), &mut self.model, Some(DType::BF16))
     }
 
     /// The model with its f32 weights (the masters under bf16), for saving.
     fn model_to_save(&self) -> Result<LlamaModel> {
         let mut m = self.model.clone();
-        if let Some(masters) = &self.masters {
-            let by_name: std::collections::HashMap<&str, &candle_core::Var> = masters.iter().map(|(n, v)| (n.as_str(), v)).collect();
-            m.visit_tensors_mut(|name, t| {
-                if let Some(v) = by_name.get(name) {
-                    *t = v.as_tensor().clone();
-                }
-                Ok(())
-            })?;
-        }
+        point_at_masters(self.masters.as_deref(), &mut m, None)?;
         Ok(m)
     }
 
@@ -756,6 +739,22 @@ impl Trainer {
         std::fs::rename(&tmp, &out)?;
         Ok(out)
     }
+}
+
+/// Replaces every weight of `model` that has an f32 master by that master, cast
+/// to `cast` when given. Nothing to do without masters (outside bf16 full fine-tuning).
+fn point_at_masters(masters: Option<&[(String, candle_core::Var)]>, model: &mut LlamaModel, cast: Option<DType>) -> Result<()> {
+    let Some(masters) = masters else { return Ok(()) };
+    let by_name: std::collections::HashMap<&str, &candle_core::Var> = masters.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    model.visit_tensors_mut(|name, t| {
+        if let Some(v) = by_name.get(name) {
+            *t = match cast {
+                Some(d) => v.as_tensor().to_dtype(d)?,
+                None => v.as_tensor().clone(),
+            };
+        }
+        Ok(())
+    })
 }
 
 /// The dropout generator's start for optimizer step `step` (0-based).
