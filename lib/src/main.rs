@@ -201,6 +201,8 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    tunebook::model::ops::tune_allocator();
+    tunebook::model::ops::pin_thread_count();
     let cli = Cli::parse();
     match cli.command {
         Command::Info => {

@@ -192,6 +192,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 impl LlamaModel {
     /// Loads a model from a local directory, a `.gguf` file or a Hugging Face id in the local cache.
     pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<Self> {
+        if device.is_cpu() {
+            // Before the loaders' worker threads first allocate (see `tune_allocator`).
+            ops::tune_allocator();
+        }
         match resolve_model(spec)? {
             ModelSource::HfDir(d) => Self::from_hf_dir(&d, device, dtype),
             ModelSource::Gguf(p) => Self::from_gguf(&p, device, dtype),

@@ -155,6 +155,10 @@ impl LlamaModel {
         mut get: impl FnMut(&str) -> Result<Option<Tensor>>,
     ) -> Result<Self> {
         config.validate()?;
+        if device.is_cpu() {
+            ops::tune_allocator();
+            ops::pin_thread_count();
+        }
         let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
         let (nh, nkv, d) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim());
         let mut load = |name: &str, shape: &[usize]| -> Result<Tensor> {
@@ -367,6 +371,7 @@ impl LlamaModel {
     pub fn hidden_states(&self, input_ids: &Tensor, packing: &Packing, train: bool) -> Result<Tensor> {
         if self.device.is_cpu() {
             ops::tune_allocator();
+            ops::pin_thread_count();
         }
         let (b, t, ids) = self.check_ids(input_ids)?;
         let default_pos;

@@ -36,8 +36,10 @@ pub use xent::{IGNORE_INDEX, cross_entropy, lm_head_cross_entropy};
 
 /// Tunes glibc's allocator once for the large, short-lived tensors of a training step:
 /// blocks up to 32 MiB come from the heap instead of fresh `mmap`s (whose page faults
-/// otherwise cost a third of a step), and freed memory is kept for reuse. Skipped when the
-/// user set any `MALLOC_*` variable, and on non-glibc targets.
+/// otherwise cost a third of a step), freed memory is kept for reuse, and all threads share
+/// one arena, so a buffer freed on one thread is reused by the next op on any other instead
+/// of faulting in fresh pages. Skipped when the user set any `MALLOC_*` variable, and on
+/// non-glibc targets.
 pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -50,6 +52,25 @@ pub fn tune_allocator() {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    });
+}
+
+/// Fixes the CPU thread count for the rest of the process by setting `RAYON_NUM_THREADS`
+/// (to candle's default, the physical cores) when the user has not.
+///
+/// candle decides the thread count of every matrix multiply afresh, and without the
+/// variable that means parsing `/proc/cpuinfo`: hundreds of times per generated token.
+/// Called by the CLI at start and whenever a model is built on the CPU.
+pub fn pin_thread_count() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = gemm::num_threads();
+            // SAFETY: std serialises its own environment accesses; this runs once, and the
+            // variable is read only by candle and rayon through std.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
         }
     });
 }
