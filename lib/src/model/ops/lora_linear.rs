@@ -81,6 +81,31 @@ fn apply_mask_bytes(mask: &[u8], p: f32, v: &mut [f32]) {
     });
 }
 
+/// `dropout(x)` and its keep/drop bytes in one parallel pass over `x`: the same decisions
+/// as [`mask_bytes`], without first copying `x` and then masking the copy.
+fn dropout_with_mask(seed: u64, p: f32, x: &[f32]) -> (Vec<f32>, Vec<u8>) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let threshold = (p * 65536.0).round() as u32;
+    let inv = 1.0 / (1.0 - p);
+    let mut out = vec![0f32; x.len()];
+    let mut mask = vec![0u8; x.len()];
+    out.par_chunks_mut(CHUNK).zip(mask.par_chunks_mut(CHUNK)).zip(x.par_chunks(CHUNK)).enumerate().for_each(
+        |(ci, ((out, mask), x))| {
+            let start = ci * CHUNK;
+            for (c, ((o, m), x)) in out.chunks_mut(4).zip(mask.chunks_mut(4)).zip(x.chunks(4)).enumerate() {
+                let h = mix(seed, ((start / 4) + c) as u64);
+                for j in 0..x.len() {
+                    let keep = ((h >> (16 * j)) & 0xFFFF) as u32 >= threshold;
+                    m[j] = keep as u8;
+                    o[j] = if keep { x[j] * inv } else { 0.0 };
+                }
+            }
+        },
+    );
+    (out, mask)
+}
+
 /// `x·Wᵀ + scale·(dropout_p(x)·Aᵀ)·Bᵀ` for `x` `[.., K]`, frozen `w` `[M, K]`, `a` `[r, K]`,
 /// `b` `[M, r]`; dropout only when `train`. Differentiable in `x`, `a` and `b` (never `w`:
 /// callers use it only for frozen base weights). Falls back to composed ops off the CPU.
@@ -105,6 +130,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64, d
         seed: next_seed(),
         t: std::sync::Mutex::new(None),
         mask: std::sync::Mutex::new(None),
+        xd: std::sync::Mutex::new(None),
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }
@@ -119,18 +145,35 @@ struct LoraOp {
     /// The forward pass's dropout decisions (one byte per input element), so the backward
     /// pass applies the same mask without drawing it again.
     mask: std::sync::Mutex<Option<Vec<u8>>>,
+    /// `dropout(x)` from the forward pass, taken (and so freed) by the backward pass. Like
+    /// PyTorch's saved dropout output: it costs one input-sized buffer per projection until
+    /// the backward pass reaches it, and saves recomputing it.
+    xd: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl LoraOp {
-    /// `dropout(x)`, or `None` without dropout. The mask is drawn once (by the
-    /// forward pass) and kept for the backward pass.
+    /// `dropout(x)`, or `None` without dropout: the forward pass's copy when it is still
+    /// held (taken, so it is freed after this use), else drawn from the same mask.
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
         if self.p <= 0.0 {
             return None;
         }
-        let mut out = x.to_vec();
-        self.mask_in_place(&mut out);
-        Some(out)
+        if let Some(xd) = self.xd.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|v| v.len() == x.len()) {
+            return Some(xd);
+        }
+        let mut slot = self.mask.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_deref() {
+            Some(m) if m.len() == x.len() => {
+                let mut out = x.to_vec();
+                apply_mask_bytes(m, self.p, &mut out);
+                Some(out)
+            }
+            _ => {
+                let (out, mask) = dropout_with_mask(self.seed, self.p, x);
+                *slot = Some(mask);
+                Some(out)
+            }
+        }
     }
 
     /// Applies the dropout mask (and its 1/(1−p) scale) to a buffer shaped like the input.
@@ -161,11 +204,11 @@ impl CustomOp3 for LoraOp {
         let mut out = vec![0f32; n * m];
         with_f32(&self.w, |w| sgemm(false, true, n, m, k, 1.0, x, k, w, k, 0.0, &mut out, m, Threads::All))?;
         let xd = self.dropped(x);
-        let xd = xd.as_deref().unwrap_or(x);
         let mut t = vec![0f32; n * r];
-        sgemm(false, true, n, r, k, 1.0, xd, k, a, k, 0.0, &mut t, r, Threads::All);
+        sgemm(false, true, n, r, k, 1.0, xd.as_deref().unwrap_or(x), k, a, k, 0.0, &mut t, r, Threads::All);
         sgemm(false, true, n, m, r, self.scale, &t, r, b, r, 1.0, &mut out, m, Threads::All);
         *self.t.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        *self.xd.lock().unwrap_or_else(|e| e.into_inner()) = xd;
         Ok((CpuStorage::F32(out), out_shape))
     }
 
@@ -263,6 +306,12 @@ mod tests {
         let mut u = vec![1f32; 100_000];
         apply_mask_bytes(&mask_bytes(42, 0.3, u.len()), 0.3, &mut u);
         assert_eq!(u, v);
+        // So does the one-pass dropout, on an input that is not all ones.
+        let x: Vec<f32> = (0..100_003).map(|i| (i % 7) as f32 - 3.0).collect();
+        let (xd, mask) = dropout_with_mask(42, 0.3, &x);
+        assert_eq!(mask, mask_bytes(42, 0.3, x.len()));
+        let expect: Vec<f32> = x.iter().zip(&v).map(|(x, f)| x * f).collect();
+        assert_eq!(xd[..100_000], expect[..]);
     }
 
     #[test]
