@@ -50,7 +50,7 @@ pub fn tune_allocator() {
         // SAFETY: mallopt only changes allocator parameters; valid for any values.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }
