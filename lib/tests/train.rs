@@ -236,7 +236,13 @@ fn cancel_checkpoints_then_stops_and_the_run_can_continue() -> Result<()> {
     assert_eq!(run.status()?, Status::Stopped);
     let step = run.progress().unwrap().step;
     let cks = run.checkpoints()?;
-    assert_eq!(cks.last().map(|c| c.0), Some(step), "cancel writes a checkpoint of the last step");
+    assert_eq!(
+        cks.last().map(|c| c.0),
+        Some(step),
+        "cancel writes a checkpoint of the last step; checkpoints {:?}, events {:?}",
+        cks.iter().map(|c| c.0).collect::<Vec<_>>(),
+        run.events().iter().map(|e| format!("{}: {}", e.kind, e.message)).collect::<Vec<_>>()
+    );
     assert!(run.events().iter().any(|e| e.kind == "cancelled"));
     let listed = tunebook().args(["runs", "list"]).output()?;
     let listed = String::from_utf8_lossy(&listed.stdout);

@@ -73,11 +73,29 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
-/// Keys and values of past tokens, one entry per layer (`[B, T, Hkv·D]`), for generation.
-#[derive(Clone, Debug, Default)]
+/// Keys and values of past tokens, one entry per layer, for generation.
+///
+/// Each layer keeps `[B, capacity, Hkv·D]` buffers that new tokens are written into in
+/// place; capacity doubles when full, so a decode step copies one token's keys and values
+/// instead of the whole history. A clone shares the written part (which is never written
+/// again) and gets buffers of its own on its first append.
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let len = self.len;
+        // Views of exactly the written tokens: full, so the clone's next append reallocates.
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.as_ref().and_then(|(k, v)| Some((k.narrow(1, 0, len).ok()?, v.narrow(1, 0, len).ok()?))))
+            .collect();
+        Self { layers, len }
+    }
 }
 
 impl KvCache {
@@ -95,6 +113,25 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// Appends `new` (`[B, t, C]`) after the first `len` tokens of the layer buffer `slot`
+/// (`[B, capacity, C]`), growing it when full; returns a view of all `len + t` tokens.
+fn kv_append(slot: &mut Option<Tensor>, len: usize, new: &Tensor) -> Result<Tensor> {
+    let new = new.contiguous()?;
+    let (b, t, c) = new.dims3()?;
+    let cap = slot.as_ref().map_or(0, |buf| buf.dim(1).unwrap_or(0));
+    if len + t > cap || slot.is_none() {
+        let cap = (len + t).max(2 * cap).max(64);
+        let buf = Tensor::zeros((b, cap, c), new.dtype(), new.device())?;
+        if let (Some(old), true) = (slot.as_ref(), len > 0) {
+            buf.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+        }
+        *slot = Some(buf);
+    }
+    let buf = slot.as_ref().context("kv cache: no buffer")?;
+    buf.slice_set(&new, 1, len)?;
+    Ok(buf.narrow(1, 0, len + t)?)
 }
 
 /// How the tokens of a batch are laid out: positions restart at 0 in every packed
@@ -405,7 +442,7 @@ impl LlamaModel {
         x: &Tensor,
         rope: &ops::Rope,
         mask: &AttentionMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, usize)>,
         train: bool,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -417,12 +454,11 @@ impl LlamaModel {
         let q = rope.apply(&self.project(&a.q_proj, &h, train)?)?;
         let mut k = rope.apply(&self.project(&a.k_proj, &h, train)?)?;
         let mut v = self.project(&a.v_proj, &h, train)?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((slot, len)) = cache {
+            let (mut kb, mut vb) = slot.take().unzip();
+            k = kv_append(&mut kb, len, &k)?;
+            v = kv_append(&mut vb, len, &v)?;
+            *slot = kb.zip(vb);
         }
         let att = ops::attention_flat(&q, &k, &v, d, mask)?;
         let x = (x + self.project(&a.o_proj, &att, train)?)?;
@@ -495,8 +531,9 @@ impl LlamaModel {
         let rope = self.rope.at(&positions, b, t)?;
         let mask = AttentionMask { segments: None, sliding_window: self.config.sliding_window };
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        let len = cache.len;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, &x, &rope, &mask, Some(slot), false)?;
+            x = self.layer_forward(layer, &x, &rope, &mask, Some((slot, len)), false)?;
         }
         cache.len += t;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;

@@ -219,6 +219,47 @@ fn cached_forward_matches_full_forward() -> Result<()> {
 }
 
 #[test]
+fn cached_decode_across_cache_growth_batches_and_clones() -> Result<()> {
+    // 150 tokens per row: the per-layer buffers start at 64 and grow twice.
+    let m = tiny()?;
+    let rows: Vec<Vec<u32>> = (0..2u32).map(|r| (0..150u32).map(|i| (i * 7 + r * 13 + 3) % 64).collect()).collect();
+    let flat: Vec<u32> = rows.concat();
+    let full = m.forward(&ids(&flat, 2)?)?;
+    let mut cache = KvCache::new();
+    let prefill: Vec<u32> = rows.iter().flat_map(|r| r[..10].to_vec()).collect();
+    m.forward_cached(&ids(&prefill, 2)?, &mut cache)?;
+    let mut fork = None;
+    for t in 10..150 {
+        let step: Vec<u32> = rows.iter().map(|r| r[t]).collect();
+        let y = m.forward_cached(&ids(&step, 2)?, &mut cache)?;
+        assert_close(&y, &full.narrow(1, t, 1)?.squeeze(1)?, 1e-4, &format!("decode step {t}"))?;
+        if t == 70 {
+            fork = Some(cache.clone());
+        }
+    }
+    assert_eq!(cache.len(), 150);
+    // The clone taken at 71 tokens was not disturbed by the original's later writes, and
+    // continues on its own: here with other tokens than the original saw.
+    let mut fork = fork.unwrap();
+    let other: Vec<u32> = rows.iter().map(|r| r[71] ^ 1).collect();
+    let y = m.forward_cached(&ids(&other, 2)?, &mut fork)?;
+    let mut alt = rows.clone();
+    for (r, o) in alt.iter_mut().zip(&other) {
+        r.truncate(72);
+        r[71] = *o;
+    }
+    let expect = m.forward(&ids(&alt.concat(), 2)?)?.narrow(1, 71, 1)?.squeeze(1)?;
+    assert_close(&y, &expect, 1e-4, "decode from a clone")?;
+    // And the clone's write did not reach the original's history.
+    let next: Vec<u32> = vec![5, 6];
+    let y = m.forward_cached(&ids(&next, 2)?, &mut cache)?;
+    let longer: Vec<u32> = rows.iter().zip(&next).flat_map(|(r, n)| r.iter().copied().chain([*n])).collect();
+    let expect = m.forward(&ids(&longer, 2)?)?.narrow(1, 150, 1)?.squeeze(1)?;
+    assert_close(&y, &expect, 1e-4, "the original after the clone's append")?;
+    Ok(())
+}
+
+#[test]
 fn packed_sequences_match_separate_runs() -> Result<()> {
     let m = tiny()?;
     let a = [5u32, 6, 7];
