@@ -201,8 +201,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    tunebook::model::ops::tune_allocator();
-    tunebook::model::ops::pin_thread_count();
+    tunebook::model::ops::tune_cpu_runtime();
     let cli = Cli::parse();
     match cli.command {
         Command::Info => {

@@ -193,8 +193,7 @@ impl LlamaModel {
     /// Loads a model from a local directory, a `.gguf` file or a Hugging Face id in the local cache.
     pub fn load(spec: &str, device: &Device, dtype: DType) -> Result<Self> {
         if device.is_cpu() {
-            // Before the loaders' worker threads first allocate (see `tune_allocator`).
-            ops::tune_allocator();
+            ops::tune_cpu_runtime();
         }
         match resolve_model(spec)? {
             ModelSource::HfDir(d) => Self::from_hf_dir(&d, device, dtype),

@@ -120,7 +120,10 @@ impl KvCache {
 fn kv_append(slot: &mut Option<Tensor>, len: usize, new: &Tensor) -> Result<Tensor> {
     let new = new.contiguous()?;
     let (b, t, c) = new.dims3()?;
-    let cap = slot.as_ref().map_or(0, |buf| buf.dim(1).unwrap_or(0));
+    let cap = match slot.as_ref() {
+        Some(buf) => buf.dim(1)?,
+        None => 0,
+    };
     if len + t > cap || slot.is_none() {
         let cap = (len + t).max(2 * cap).max(64);
         let buf = Tensor::zeros((b, cap, c), new.dtype(), new.device())?;
@@ -193,8 +196,7 @@ impl LlamaModel {
     ) -> Result<Self> {
         config.validate()?;
         if device.is_cpu() {
-            ops::tune_allocator();
-            ops::pin_thread_count();
+            ops::tune_cpu_runtime();
         }
         let (h, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
         let (nh, nkv, d) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim());
@@ -406,10 +408,6 @@ impl LlamaModel {
 
     /// Final hidden states `[B, T, H]` (after the last norm) for `input_ids` `[B, T]`.
     pub fn hidden_states(&self, input_ids: &Tensor, packing: &Packing, train: bool) -> Result<Tensor> {
-        if self.device.is_cpu() {
-            ops::tune_allocator();
-            ops::pin_thread_count();
-        }
         let (b, t, ids) = self.check_ids(input_ids)?;
         let default_pos;
         let positions = match &packing.positions {

@@ -34,13 +34,21 @@ pub use rope::{Rope, RopeTable};
 pub use swiglu::swiglu;
 pub use xent::{IGNORE_INDEX, cross_entropy, lm_head_cross_entropy};
 
+/// Tunes the CPU runtime once per process: [`tune_allocator`] and [`pin_thread_count`].
+/// Called by the CLI at start and whenever a model is built or loaded on the CPU, before
+/// the loaders' worker threads first allocate.
+pub fn tune_cpu_runtime() {
+    tune_allocator();
+    pin_thread_count();
+}
+
 /// Tunes glibc's allocator once for the large, short-lived tensors of a training step:
 /// blocks up to 32 MiB come from the heap instead of fresh `mmap`s (whose page faults
 /// otherwise cost a third of a step), freed memory is kept for reuse, and all threads share
 /// one arena, so a buffer freed on one thread is reused by the next op on any other instead
 /// of faulting in fresh pages. Skipped when the user set any `MALLOC_*` variable, and on
 /// non-glibc targets.
-pub fn tune_allocator() {
+fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::vars_os().any(|(k, _)| k.to_string_lossy().starts_with("MALLOC_")) {
@@ -62,8 +70,7 @@ pub fn tune_allocator() {
 ///
 /// candle decides the thread count of every matrix multiply afresh, and without the
 /// variable that means parsing `/proc/cpuinfo`: hundreds of times per generated token.
-/// Called by the CLI at start and whenever a model is built on the CPU.
-pub fn pin_thread_count() {
+fn pin_thread_count() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
