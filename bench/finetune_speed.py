@@ -80,7 +80,7 @@ def ours():
         )
     env = dict(os.environ, TUNEBOOK_RUNS=os.path.join(tmp, "runs"))
     bin_ = os.environ.get("TUNEBOOK_BIN", "tunebook")
-    cmd = ["/usr/bin/time", "-f", "MAXRSS %M", bin_, "train", cfg]
+    cmd = ["/usr/bin/time", "-f", "MAXRSS %M"] + os.environ.get("BENCH_WRAP", "").split() + [bin_, "train", cfg]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"tunebook train failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

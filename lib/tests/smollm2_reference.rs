@@ -91,8 +91,13 @@ fn bench_lora_step_smollm2() -> Result<()> {
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (b, t, steps) = (env("BENCH_BATCH", 4), env("BENCH_SEQ", 256), env("BENCH_STEPS", 3));
     let mut model = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
-    let lora = LoraConfig { r: 16, alpha: 32.0, dropout: 0.05, ..LoraConfig::default() }.all_linear();
-    model.add_lora(&lora)?;
+    if env("BENCH_FULL", 0) == 1 {
+        model.unfreeze_all()?;
+    } else {
+        let r = env("BENCH_RANK", 16);
+        let lora = LoraConfig { r, alpha: 2.0 * r as f64, dropout: 0.05, ..LoraConfig::default() }.all_linear();
+        model.add_lora(&lora)?;
+    }
     let vocab = model.config.vocab_size as u64;
     let mut s = 12345u64;
     let ids: Vec<u32> = (0..b * t)

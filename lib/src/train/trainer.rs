@@ -18,6 +18,7 @@ use crate::tokenize::{Message, Tokenizer};
 use crate::track::{MetricRecord, MetricWal, RunContext, RunOutcome, Tracker};
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{DType, Device, Tensor};
+use crate::model::ops::profile;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -558,14 +559,19 @@ impl Trainer {
             }
             let (ids, labels, packing) = batch_tensors(batch, &self.device)?;
             tokens += batch.len() * self.context_length;
+            let fwd = profile::timer("step: forward");
             let loss = self.model.loss(&ids, &labels, &packing, true)?;
+            drop(fwd);
             let w = n as f64 / total_targets as f64;
             let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss_sum += lv * w;
             if !lv.is_finite() {
                 return self.non_finite(step, "loss", lv);
             }
+            let bwd = profile::timer("step: backward");
             let grads = (loss * w)?.backward()?;
+            drop(bwd);
+            let _acc = profile::timer("step: accumulate");
             for (slot, v) in acc.iter_mut().zip(&vars) {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     *slot = Some(match slot.take() {
@@ -575,6 +581,7 @@ impl Trainer {
                 }
             }
         }
+        let upd = profile::timer("step: clip + AdamW");
         let norm = self.opt.grad_norm(&acc)?;
         if !norm.is_finite() {
             return self.non_finite(step, "gradient norm", norm);
@@ -585,6 +592,12 @@ impl Trainer {
         };
         self.opt.step(&acc, lr, scale)?;
         self.refresh_compute_weights()?;
+        drop(upd);
+        if profile::enabled() {
+            for (name, secs, calls) in profile::take() {
+                eprintln!("profile step {}: {name:24} {secs:8.3}s {calls:6} calls", step + 1);
+            }
+        }
         Ok((loss_sum, norm, tokens))
     }
 

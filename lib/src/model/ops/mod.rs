@@ -43,8 +43,9 @@ pub fn tune_cpu_runtime() {
 }
 
 /// Tunes glibc's allocator once for the large, short-lived tensors of a training step:
-/// blocks up to 32 MiB come from the heap instead of fresh `mmap`s (whose page faults
-/// otherwise cost a third of a step), freed memory is kept for reuse, and all threads share
+/// every block comes from the heap instead of a fresh `mmap` (whose page faults cost a
+/// third of a step for blocks up to 32 MiB; a 113 MiB weight gradient written by a GEMM
+/// took 0.67 s instead of 0.19 s on fresh pages), freed memory is kept for reuse, and all threads share
 /// one arena, so a buffer freed on one thread is reused by the next op on any other instead
 /// of faulting in fresh pages. Skipped when the user set any `MALLOC_*` variable, and on
 /// non-glibc targets.
@@ -58,7 +59,9 @@ fn tune_allocator() {
         // SAFETY: mallopt only changes allocator parameters; valid for any values.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            // -1: never trim (the value is taken as SIZE_MAX).
+            libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
             libc::mallopt(libc::M_ARENA_MAX, 1);
         }

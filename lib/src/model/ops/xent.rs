@@ -129,11 +129,10 @@ impl CustomOp2 for FusedXent {
         let (v, _) = l2.shape().dims2()?;
         let mut total = 0f64;
         if self.keep {
+            // All rows in one GEMM: the matrix is kept anyway, and one wide product runs
+            // nearer the GEMM's peak than chunks of rows.
             let mut probs = vec![0f32; n * v];
-            for r0 in (0..n).step_by(CHUNK) {
-                let c = CHUNK.min(n - r0);
-                total += self.chunk_probs(x, w, h, v, r0, c, &mut probs[r0 * v..]);
-            }
+            total += self.chunk_probs(x, w, h, v, 0, n, &mut probs);
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
         } else {
             let mut buf = vec![0f32; CHUNK.min(n) * v];
@@ -158,8 +157,11 @@ impl CustomOp2 for FusedXent {
                 let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let mut buf = if saved.is_some() { Vec::new() } else { vec![0f32; CHUNK.min(n) * v] };
                 let mut saved = saved;
-                for r0 in (0..n).step_by(CHUNK) {
-                    let c = CHUNK.min(n - r0);
+                // Kept probabilities are one chunk of all rows, so the weight gradient is
+                // one GEMM with K = n instead of n / CHUNK passes over the whole `dw`.
+                let chunk = if saved.is_some() { n } else { CHUNK };
+                for r0 in (0..n).step_by(chunk) {
+                    let c = chunk.min(n - r0);
                     let buf: &mut [f32] = match saved.as_mut() {
                         Some(p) => &mut p[r0 * v..(r0 + c) * v],
                         None => {
