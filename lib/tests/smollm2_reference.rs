@@ -115,9 +115,10 @@ fn bench_lora_step_smollm2() -> Result<()> {
             profile::take();
         }
         let t0 = std::time::Instant::now();
-        let loss = model.loss(&x, &labels, &Packing::default(), true)?;
+        let tape = model.loss_tape(&x, &labels, &Packing::default(), true)?;
+        let loss = tape.loss().clone();
         let t1 = std::time::Instant::now();
-        let grads = loss.backward()?;
+        let grads = tape.backward(1.0)?;
         let t2 = std::time::Instant::now();
         drop(grads);
         if step > 0 {
@@ -296,9 +297,10 @@ fn lora_training_losses_match_pytorch_peft() -> Result<()> {
         let ids: Vec<u32> = batch.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let x = Tensor::from_vec(ids, (b, t), &Device::Cpu)?;
-        let loss = model.loss(&x, &labels, &tunebook::model::Packing::default(), true)?;
-        let got = loss.to_scalar::<f32>()? as f64;
-        let grads = loss.backward()?;
+        // The trainer's path: the layer-by-layer backward pass.
+        let tape = model.loss_tape(&x, &labels, &tunebook::model::Packing::default(), true)?;
+        let got = tape.loss().to_scalar::<f32>()? as f64;
+        let grads = tape.backward(1.0)?;
         let g: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
         opt.step(&g, r["lr"].as_f64().unwrap(), 1.0)?;
         let rel = (got - want[step]).abs() / want[step];

@@ -73,6 +73,79 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+/// A training forward pass cut into segments (embedding, each decoder layer, the final
+/// norm with the LM head and loss) whose backward pass runs one segment at a time.
+///
+/// candle's backward keeps the whole forward graph alive until it returns, so a step's
+/// peak memory held every layer's activations *and* every gradient. Here each segment
+/// starts from a leaf copy of the previous segment's output: the backward pass goes
+/// through the loss's segment first, then hands the gradient of each segment's input to
+/// the segment before it and drops the segment, freeing its activations, as PyTorch
+/// does. The gradients are the same as one backward pass over the whole graph.
+pub struct LossTape {
+    loss: Tensor,
+    head_input: Option<Var>,
+    /// `(input leaf, output)` per decoder layer, first to last. The leaf is `None` when
+    /// nothing upstream of the layer trains.
+    layers: Vec<(Option<Var>, Tensor)>,
+    /// The embedding lookup, when the embedding trains.
+    embedding: Option<Tensor>,
+}
+
+impl LossTape {
+    /// The loss, a scalar.
+    pub fn loss(&self) -> &Tensor {
+        &self.loss
+    }
+
+    /// Gradients of `scale × loss` for every variable the forward pass used, keyed like
+    /// candle's [`GradStore`](candle_core::backprop::GradStore). Consumes the tape,
+    /// freeing each segment's activations once its gradients are taken.
+    pub fn backward(self, scale: f64) -> Result<candle_core::backprop::GradStore> {
+        let LossTape { loss, head_input, mut layers, embedding } = self;
+        let mut grads = (loss * scale)?.backward()?;
+        let mut upstream = head_input.and_then(|v| grads.remove(v.as_tensor()));
+        while let Some((input, output)) = layers.pop() {
+            let Some(g) = upstream.take() else { break };
+            let mut seg = ops::seed_gradient(&output, &g)?.backward()?;
+            drop(output);
+            upstream = input.and_then(|v| seg.remove(v.as_tensor()));
+            grads.extend(seg)?;
+        }
+        if let (Some(e), Some(g)) = (embedding, upstream) {
+            grads.extend(ops::seed_gradient(&e, &g)?.backward()?)?;
+        }
+        Ok(grads)
+    }
+}
+
+/// Next-token targets: `labels` shifted left by one within each packed sequence.
+fn shifted_labels(labels: &[i64], packing: &Packing, b: usize, t: usize) -> Result<Vec<i64>> {
+    if t == 0 {
+        bail!("loss: the sequence is empty");
+    }
+    if labels.len() != b * t {
+        bail!("loss: {} labels for a batch of {b}×{t}", labels.len());
+    }
+    if let Some(s) = &packing.segment_ids {
+        if s.len() != b * t {
+            bail!("packing: {} segment ids for a batch of {b}×{t}", s.len());
+        }
+    }
+    let mut shifted = vec![ops::IGNORE_INDEX; b * t];
+    for bi in 0..b {
+        for ti in 0..t - 1 {
+            let next = labels[bi * t + ti + 1];
+            // A packed sequence's last token does not predict the next sequence's first.
+            let same = packing.segment_ids.as_ref().is_none_or(|s| s[bi * t + ti] == s[bi * t + ti + 1]);
+            if same {
+                shifted[bi * t + ti] = next;
+            }
+        }
+    }
+    Ok(shifted)
+}
+
 /// Keys and values of past tokens, one entry per layer, for generation.
 ///
 /// Each layer keeps `[B, capacity, Hkv·D]` buffers that new tokens are written into in
@@ -406,8 +479,9 @@ impl LlamaModel {
         Ok((b, t, ids.to_device(&self.device)?))
     }
 
-    /// Final hidden states `[B, T, H]` (after the last norm) for `input_ids` `[B, T]`.
-    pub fn hidden_states(&self, input_ids: &Tensor, packing: &Packing, train: bool) -> Result<Tensor> {
+    /// Token ids on the model's device, the rotary table for the batch's positions and
+    /// the attention mask of its packing.
+    fn prepare(&self, input_ids: &Tensor, packing: &Packing) -> Result<(Tensor, ops::Rope, AttentionMask)> {
         let (b, t, ids) = self.check_ids(input_ids)?;
         let default_pos;
         let positions = match &packing.positions {
@@ -427,6 +501,13 @@ impl LlamaModel {
             segments: packing.segment_ids.as_ref().map(|s| Arc::new(s.clone())),
             sliding_window: self.config.sliding_window,
         };
+        Ok((ids, rope, mask))
+    }
+
+    /// Final hidden states `[B, T, H]` (after the last norm) for `input_ids` `[B, T]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, packing: &Packing, train: bool) -> Result<Tensor> {
+        let (ids, rope, mask) = self.prepare(input_ids, packing)?;
+        let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &rope, &mask, None, train)?;
@@ -490,30 +571,44 @@ impl LlamaModel {
     /// materialised on the CPU.
     pub fn loss(&self, input_ids: &Tensor, labels: &[i64], packing: &Packing, train: bool) -> Result<Tensor> {
         let (b, t) = input_ids.dims2().context("input_ids must be [batch, seq]")?;
-        if t == 0 {
-            bail!("loss: the sequence is empty");
-        }
-        if labels.len() != b * t {
-            bail!("loss: {} labels for a batch of {b}×{t}", labels.len());
-        }
-        if let Some(s) = &packing.segment_ids {
-            if s.len() != b * t {
-                bail!("packing: {} segment ids for a batch of {b}×{t}", s.len());
-            }
-        }
-        let mut shifted = vec![ops::IGNORE_INDEX; b * t];
-        for bi in 0..b {
-            for ti in 0..t - 1 {
-                let next = labels[bi * t + ti + 1];
-                // A packed sequence's last token does not predict the next sequence's first.
-                let same = packing.segment_ids.as_ref().is_none_or(|s| s[bi * t + ti] == s[bi * t + ti + 1]);
-                if same {
-                    shifted[bi * t + ti] = next;
-                }
-            }
-        }
+        let shifted = shifted_labels(labels, packing, b, t)?;
         let h = self.hidden_states(input_ids, packing, train)?.reshape((b * t, self.config.hidden_size))?;
         Ok(ops::lm_head_cross_entropy(&h, self.lm_head_weight(), &shifted)?)
+    }
+
+    /// The training loss of [`loss`](Self::loss), recorded for a backward pass that runs one
+    /// decoder layer at a time (see [`LossTape`]): the same gradients, but each layer's
+    /// activations are freed as soon as its gradients are computed instead of when the
+    /// whole backward pass ends.
+    pub fn loss_tape(&self, input_ids: &Tensor, labels: &[i64], packing: &Packing, train: bool) -> Result<LossTape> {
+        let (b, t) = input_ids.dims2().context("input_ids must be [batch, seq]")?;
+        let shifted = shifted_labels(labels, packing, b, t)?;
+        let (ids, rope, mask) = self.prepare(input_ids, packing)?;
+        let embedded = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
+        // Each segment starts from a fresh leaf holding the previous segment's output, so
+        // its graph ends there; the leaf is a variable only when something upstream trains.
+        let leaf = |x: &Tensor| -> Result<(Option<Var>, Tensor)> {
+            if x.track_op() {
+                let v = Var::from_tensor(&x.detach())?;
+                let t = v.as_tensor().clone();
+                Ok((Some(v), t))
+            } else {
+                Ok((None, x.detach()))
+            }
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        let embedding = embedded.track_op().then(|| embedded.clone());
+        let mut x = embedded;
+        for layer in &self.layers {
+            let (input, xin) = leaf(&x)?;
+            x = self.layer_forward(layer, &xin, &rope, &mask, None, train)?;
+            layers.push((input, x.clone()));
+        }
+        let (head_input, xin) = leaf(&x)?;
+        drop(x);
+        let h = ops::rms_norm(&xin, &self.norm, self.config.rms_norm_eps)?.reshape((b * t, self.config.hidden_size))?;
+        let loss = ops::lm_head_cross_entropy(&h, self.lm_head_weight(), &shifted)?;
+        Ok(LossTape { loss, head_input, layers, embedding })
     }
 
     /// Runs `input_ids` (`[B, T]`) after the tokens already in `cache`, appends their keys and

@@ -34,7 +34,7 @@ pub use generate::{
     FinishReason, Generation, GenerateArgs, GenerationConfig, Model, Sampler, TokenStream, default_device, run_generate_cli,
 };
 pub use io::{ModelSource, hf_cache_dir, resolve_model, write_safetensors};
-pub use llama::{DecoderLayer, KvCache, Linear, LlamaModel, Packing};
+pub use llama::{DecoderLayer, KvCache, Linear, LlamaModel, LossTape, Packing};
 pub use lora::{ALL_TARGETS, LoraAdapter, LoraConfig};
 pub use ops::IGNORE_INDEX;
 pub use text::{ChatMessage, HfTokenizer, TextTokenizer};

@@ -326,6 +326,60 @@ fn every_trainable_parameter_gets_a_gradient_in_full_fine_tuning() -> Result<()>
     Ok(())
 }
 
+/// Gradients of every trainable variable from the layer-by-layer backward pass and from
+/// one backward pass over the whole graph, side by side.
+fn tape_and_graph_grads(m: &LlamaModel) -> Result<Vec<(String, Tensor, Tensor)>> {
+    let x = ids(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], 2)?;
+    let labels: Vec<i64> = x.flatten_all()?.to_vec1::<u32>()?.iter().map(|&v| v as i64).collect();
+    let packing = Packing::from_segments(vec![1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1, 1], 2, 6)?;
+    let loss = m.loss(&x, &labels, &packing, false)?;
+    let want_loss = loss.to_scalar::<f32>()?;
+    let whole = (loss * 0.75)?.backward()?;
+    let tape = m.loss_tape(&x, &labels, &packing, false)?;
+    assert_eq!(tape.loss().to_scalar::<f32>()?, want_loss, "the tape's loss is the model's loss");
+    let tape = tape.backward(0.75)?;
+    let mut out = vec![];
+    for (name, v) in m.trainable_vars()? {
+        let a = tape.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient from the tape")).clone();
+        let b = whole.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient from the graph")).clone();
+        out.push((name, a, b));
+    }
+    Ok(out)
+}
+
+#[test]
+fn layer_by_layer_backward_gives_the_whole_graph_gradients() -> Result<()> {
+    // Full fine-tuning with tied embeddings: the embedding gets a gradient from both ends.
+    let mut cfg = LlamaConfig::tiny();
+    cfg.tie_word_embeddings = true;
+    cfg.num_hidden_layers = 3;
+    let mut m = LlamaModel::random(cfg, 5, &Device::Cpu)?;
+    m.unfreeze_all()?;
+    let full = tape_and_graph_grads(&m)?;
+    assert_eq!(full.len(), m.named_tensors().len());
+    for (name, a, b) in &full {
+        assert_close(a, b, 1e-6, name)?;
+    }
+    // LoRA: only adapters train, and layer 0's input needs no gradient. (Dropout stays
+    // off: its seed is process-wide and other tests draw from it concurrently.)
+    let mut m = LlamaModel::random(LlamaConfig::tiny(), 6, &Device::Cpu)?;
+    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() }.all_linear())?;
+    for layer in &m.layers {
+        for (_, lin) in layer.linears() {
+            // B starts at zero; give it values so every path carries a gradient.
+            let b = &lin.lora.as_ref().unwrap().b;
+            b.set(&b.as_tensor().ones_like()?.affine(0.01, 0.0)?)?;
+        }
+    }
+    let lora = tape_and_graph_grads(&m)?;
+    assert_eq!(lora.len(), 2 * 2 * 7);
+    for (name, a, b) in &lora {
+        assert_close(a, b, 1e-6, name)?;
+        assert!(a.sqr()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name}: zero gradient");
+    }
+    Ok(())
+}
+
 #[test]
 fn lora_trains_only_adapters_and_frozen_weights_get_no_gradient() -> Result<()> {
     let mut m = tiny()?;

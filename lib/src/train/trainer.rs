@@ -560,16 +560,16 @@ impl Trainer {
             let (ids, labels, packing) = batch_tensors(batch, &self.device)?;
             tokens += batch.len() * self.context_length;
             let fwd = profile::timer("step: forward");
-            let loss = self.model.loss(&ids, &labels, &packing, true)?;
+            let tape = self.model.loss_tape(&ids, &labels, &packing, true)?;
             drop(fwd);
             let w = n as f64 / total_targets as f64;
-            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let lv = tape.loss().to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss_sum += lv * w;
             if !lv.is_finite() {
                 return self.non_finite(step, "loss", lv);
             }
             let bwd = profile::timer("step: backward");
-            let grads = (loss * w)?.backward()?;
+            let grads = tape.backward(w)?;
             drop(bwd);
             let _acc = profile::timer("step: accumulate");
             for (slot, v) in acc.iter_mut().zip(&vars) {

@@ -202,11 +202,17 @@ impl CustomOp3 for LoraOp {
         let m = lb.shape().dims()[0];
         let (n, k, out_shape) = super::linear::rows_and_out(lx, m)?;
         let mut out = vec![0f32; n * m];
+        let t0 = super::profile::timer("  lf base");
         with_f32(&self.w, |w| sgemm(false, true, n, m, k, 1.0, x, k, w, k, 0.0, &mut out, m, Threads::All))?;
+        drop(t0);
+        let t0 = super::profile::timer("  lf dropout");
         let xd = self.dropped(x);
+        drop(t0);
+        let t0 = super::profile::timer("  lf thin");
         let mut t = vec![0f32; n * r];
         sgemm(false, true, n, r, k, 1.0, xd.as_deref().unwrap_or(x), k, a, k, 0.0, &mut t, r, Threads::All);
         sgemm(false, true, n, m, r, self.scale, &t, r, b, r, 1.0, &mut out, m, Threads::All);
+        drop(t0);
         *self.t.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         *self.xd.lock().unwrap_or_else(|e| e.into_inner()) = xd;
         Ok((CpuStorage::F32(out), out_shape))
@@ -227,6 +233,7 @@ impl CustomOp3 for LoraOp {
                         let xd_own = self.dropped(x);
                         let xd = xd_own.as_deref().unwrap_or(x);
                         // gB = g·B  [n, r]
+                        let t0 = super::profile::timer("  lb gb+db+da");
                         let mut gb = vec![0f32; n * r];
                         sgemm(false, false, n, r, m, 1.0, g, m, b, r, 0.0, &mut gb, r, Threads::All);
                         let db = need_b.then(|| {
@@ -249,6 +256,8 @@ impl CustomOp3 for LoraOp {
                             sgemm(true, false, r, k, n, s, &gb, r, xd, k, 0.0, &mut da, k, Threads::All);
                             da
                         });
+                        drop(t0);
+                        let t0 = super::profile::timer("  lb dx lora");
                         let dx = if need_x {
                             // dx = g·W + s·dropout'(gB·A)
                             let mut lo = vec![0f32; n * k];
@@ -256,6 +265,8 @@ impl CustomOp3 for LoraOp {
                             if self.p > 0.0 {
                                 self.mask_in_place(&mut lo);
                             }
+                            drop(t0);
+                            let _t1 = super::profile::timer("  lb dx base");
                             with_f32(&self.w, |w| sgemm(false, false, n, k, m, 1.0, g, m, w, k, 1.0, &mut lo, k, Threads::All))?;
                             Some(lo)
                         } else {

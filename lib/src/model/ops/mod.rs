@@ -34,6 +34,46 @@ pub use rope::{Rope, RopeTable};
 pub use swiglu::swiglu;
 pub use xent::{IGNORE_INDEX, cross_entropy, lm_head_cross_entropy};
 
+/// A scalar whose backward pass gives `output` the gradient `grad` (same shape): the root
+/// of a backward pass that continues another one, as in
+/// [`LossTape`](crate::model::LossTape). On the CPU it costs nothing either way; elsewhere
+/// it is `sum(output · grad)`.
+pub fn seed_gradient(output: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    if output.dims() != grad.dims() {
+        candle_core::bail!("seed_gradient: output {:?} but gradient {:?}", output.dims(), grad.dims());
+    }
+    if output.device().is_cpu() {
+        output.apply_op1(SeedGradient(grad.detach()))
+    } else {
+        (output * grad.detach())?.sum_all()
+    }
+}
+
+struct SeedGradient(Tensor);
+
+impl candle_core::CustomOp1 for SeedGradient {
+    fn name(&self) -> &'static str {
+        "tunebook-seed-gradient"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let zero = match s.dtype() {
+            DType::F32 => CpuStorage::F32(vec![0.0]),
+            DType::F64 => CpuStorage::F64(vec![0.0]),
+            DType::BF16 => CpuStorage::BF16(vec![half::bf16::ZERO]),
+            DType::F16 => CpuStorage::F16(vec![half::f16::ZERO]),
+            other => candle_core::bail!("seed_gradient: {other:?} tensors have no gradient"),
+        };
+        Ok((zero, Shape::from(())))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let s = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        Ok(Some(if s == 1.0 { self.0.clone() } else { self.0.affine(s, 0.0)? }))
+    }
+}
+
 /// Tunes the CPU runtime once per process: [`tune_allocator`] and [`pin_thread_count`].
 /// Called by the CLI at start and whenever a model is built or loaded on the CPU, before
 /// the loaders' worker threads first allocate.
