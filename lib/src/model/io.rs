@@ -35,41 +35,119 @@ fn st_dtype(dtype: DType) -> Result<&'static str> {
     })
 }
 
+/// The data of one safetensors entry.
+pub enum TensorData<'a> {
+    /// A tensor on any device; copied to the CPU (when elsewhere) one tensor at a time.
+    Tensor(Tensor),
+    /// f32 values already in memory, with their shape; written without a copy.
+    F32(&'a [f32], Vec<usize>),
+}
+
+impl TensorData<'_> {
+    fn dtype(&self) -> DType {
+        match self {
+            TensorData::Tensor(t) => t.dtype(),
+            TensorData::F32(..) => DType::F32,
+        }
+    }
+
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            TensorData::Tensor(t) => t.dims().to_vec(),
+            TensorData::F32(_, shape) => shape.clone(),
+        }
+    }
+
+    fn byte_len(&self) -> usize {
+        match self {
+            TensorData::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            TensorData::F32(v, _) => v.len() * 4,
+        }
+    }
+}
+
 /// Serialises tensors to a safetensors file (metadata `format: pt`, as transformers writes),
 /// atomically. Names are sorted; tensors are copied to the CPU.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    write_safetensors_data(path, tensors.iter().map(|(n, t)| (n.clone(), TensorData::Tensor(t.clone()))).collect())
+}
+
+/// [`write_safetensors`] for tensors and in-memory f32 buffers alike. The file is streamed
+/// to a temporary file beside `path` (through a small buffer, never the whole file in
+/// memory), synced, then renamed over `path`.
+pub fn write_safetensors_data(path: &Path, mut entries: Vec<(String, TensorData<'_>)>) -> Result<()> {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
-    let mut data: Vec<u8> = Vec::new();
-    for (name, t) in sorted {
-        let t = t.to_device(&Device::Cpu)?.contiguous()?;
-        let start = data.len();
-        match t.dtype() {
-            DType::F32 => t.flatten_all()?.to_vec1::<f32>()?.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            DType::BF16 => t.flatten_all()?.to_vec1::<half::bf16>()?.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            DType::F16 => t.flatten_all()?.to_vec1::<half::f16>()?.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            DType::F64 => t.flatten_all()?.to_vec1::<f64>()?.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            DType::U32 => t.flatten_all()?.to_vec1::<u32>()?.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            DType::I64 => t.flatten_all()?.to_vec1::<i64>()?.iter().for_each(|v| data.extend_from_slice(&v.to_le_bytes())),
-            DType::U8 => data.extend_from_slice(&t.flatten_all()?.to_vec1::<u8>()?),
-            other => bail!("safetensors: tensor `{name}` has dtype {other:?}, which cannot be saved"),
+    let mut offset = 0usize;
+    for (name, d) in &entries {
+        if let TensorData::F32(v, shape) = d {
+            if shape.iter().product::<usize>() != v.len() {
+                bail!("safetensors: `{name}` has {} values but shape {shape:?}", v.len());
+            }
         }
+        let len = d.byte_len();
         header.insert(
             name.clone(),
-            serde_json::json!({"dtype": st_dtype(t.dtype())?, "shape": t.dims(), "data_offsets": [start, data.len()]}),
+            serde_json::json!({"dtype": st_dtype(d.dtype()).with_context(|| format!("tensor `{name}`"))?, "shape": d.shape(), "data_offsets": [offset, offset + len]}),
         );
+        offset += len;
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header))?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + h.len() + data.len());
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&data);
-    atomic_write(path, &out)
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+        let io = |e: std::io::Error| anyhow!("writing {}: {e}", path.display());
+        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&h).map_err(io)?;
+        for (name, d) in &entries {
+            match d {
+                TensorData::F32(v, _) => write_le(&mut w, v, |x| x.to_le_bytes()).map_err(io)?,
+                TensorData::Tensor(t) => write_tensor(&mut w, t).with_context(|| format!("writing tensor `{name}` to {}", path.display()))?,
+            }
+        }
+        w.flush().map_err(io)?;
+    }
+    tmp.as_file().sync_all().ok();
+    tmp.persist(path).map_err(|e| anyhow!("renaming into {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+/// Writes a tensor's values little-endian, straight from its CPU storage.
+fn write_tensor(w: &mut impl Write, t: &Tensor) -> Result<()> {
+    use candle_core::{CpuStorage, Storage};
+    let t = t.to_device(&Device::Cpu)?.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else { bail!("tensor is not on the CPU after copying it there") };
+    let (a, b) = layout.contiguous_offsets().context("tensor is not contiguous")?;
+    match cpu {
+        CpuStorage::F32(v) => write_le(w, &v[a..b], |x| x.to_le_bytes())?,
+        CpuStorage::BF16(v) => write_le(w, &v[a..b], |x| x.to_le_bytes())?,
+        CpuStorage::F16(v) => write_le(w, &v[a..b], |x| x.to_le_bytes())?,
+        CpuStorage::F64(v) => write_le(w, &v[a..b], |x| x.to_le_bytes())?,
+        CpuStorage::U32(v) => write_le(w, &v[a..b], |x| x.to_le_bytes())?,
+        CpuStorage::I64(v) => write_le(w, &v[a..b], |x| x.to_le_bytes())?,
+        CpuStorage::U8(v) => w.write_all(&v[a..b])?,
+        other => bail!("dtype {:?} cannot be saved", candle_core::backend::BackendStorage::dtype(other)),
+    }
+    Ok(())
+}
+
+/// Writes `values` little-endian through a fixed 64 KiB buffer.
+fn write_le<T: Copy, const N: usize>(w: &mut impl Write, values: &[T], bytes: impl Fn(T) -> [u8; N]) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(64 << 10);
+    for chunk in values.chunks((64 << 10) / N.max(1)) {
+        buf.clear();
+        for &x in chunk {
+            buf.extend_from_slice(&bytes(x));
+        }
+        w.write_all(&buf)?;
+    }
+    Ok(())
 }
 
 /// Where a model's files are.

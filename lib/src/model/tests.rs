@@ -35,6 +35,40 @@ fn hf_directory_round_trip_keeps_logits() -> Result<()> {
 }
 
 #[test]
+fn safetensors_streams_tensors_and_borrowed_buffers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("mixed.safetensors");
+    let values: Vec<f32> = (0..6).map(|i| i as f32 * 0.5 - 1.0).collect();
+    let bf = Tensor::new(&[[1.5f32, -2.0], [0.25, 8.0]], &Device::Cpu)?.to_dtype(DType::BF16)?;
+    let strided = Tensor::arange(0u32, 6, &Device::Cpu)?.reshape((2, 3))?.t()?;
+    write_safetensors_data(
+        &path,
+        vec![
+            ("z.buffer".into(), TensorData::F32(&values, vec![2, 3])),
+            ("a.bf16".into(), TensorData::Tensor(bf.clone())),
+            ("m.strided".into(), TensorData::Tensor(strided.clone())),
+        ],
+    )?;
+    let back = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    assert_eq!(back["z.buffer"].dims(), &[2, 3]);
+    assert_eq!(back["z.buffer"].flatten_all()?.to_vec1::<f32>()?, values);
+    assert_eq!(back["a.bf16"].dtype(), DType::BF16);
+    assert_close(&back["a.bf16"], &bf, 0.0, "bf16")?;
+    assert_eq!(back["m.strided"].to_vec2::<u32>()?, strided.to_vec2::<u32>()?);
+    // Names are sorted in the header, as transformers writes them.
+    let raw = std::fs::read(&path)?;
+    let hlen = u64::from_le_bytes(raw[..8].try_into()?) as usize;
+    let header = std::str::from_utf8(&raw[8..8 + hlen])?;
+    assert!(header.find("a.bf16") < header.find("m.strided") && header.find("m.strided") < header.find("z.buffer"), "{header}");
+    // A buffer that does not fill its shape is refused, and nothing is written.
+    let bad = dir.path().join("bad.safetensors");
+    let err = write_safetensors_data(&bad, vec![("x".into(), TensorData::F32(&values, vec![4, 2]))]).unwrap_err().to_string();
+    assert!(err.contains("6 values but shape [4, 2]"), "{err}");
+    assert!(!bad.exists());
+    Ok(())
+}
+
+#[test]
 fn hugging_face_ids_resolve_through_the_local_cache() -> Result<()> {
     let cache = tempfile::tempdir()?;
     let repo = cache.path().join("models--tiny-org--tiny-llama");

@@ -8,6 +8,7 @@
 //! composed from tensor ops.
 
 use super::config::Schedule;
+use crate::model::TensorData;
 use anyhow::{Context, Result, bail};
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 use rayon::prelude::*;
@@ -155,25 +156,23 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as named tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`), for checkpoints.
-    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+    /// The moments as named entries (`NAME.exp_avg`, `NAME.exp_avg_sq`) for a checkpoint's
+    /// `optimizer.safetensors`; CPU moments are borrowed, not copied (for full fine-tuning
+    /// they are twice the model's size).
+    pub fn state_data(&self) -> Vec<(String, TensorData<'_>)> {
         let mut out = Vec::new();
         for p in &self.params {
-            let shape = p.var.shape().clone();
             let (m, v) = match &p.moments {
-                Moments::Cpu(m, v) => (
-                    Tensor::from_slice(m, shape.clone(), &candle_core::Device::Cpu)?,
-                    Tensor::from_slice(v, shape, &candle_core::Device::Cpu)?,
-                ),
-                Moments::Device(m, v) => (m.clone(), v.clone()),
+                Moments::Cpu(m, v) => (TensorData::F32(m, p.var.dims().to_vec()), TensorData::F32(v, p.var.dims().to_vec())),
+                Moments::Device(m, v) => (TensorData::Tensor(m.clone()), TensorData::Tensor(v.clone())),
             };
             out.push((format!("{}.exp_avg", p.name), m));
             out.push((format!("{}.exp_avg_sq", p.name), v));
         }
-        Ok(out)
+        out
     }
 
-    /// Restores moments saved by [`AdamW::state_tensors`] and the step count.
+    /// Restores moments saved from [`AdamW::state_data`] and the step count.
     pub fn load_state(&mut self, mut tensors: HashMap<String, Tensor>, steps: u64) -> Result<()> {
         for p in &mut self.params {
             let mut take = |suffix: &str| -> Result<Tensor> {
@@ -314,7 +313,11 @@ mod tests {
         let gs = [Some(Tensor::new(&[3.0f32, 4.0], &Device::Cpu)?), None, Some(Tensor::new(&[12.0f32], &Device::Cpu)?)];
         assert_eq!(opt.grad_norm(&gs)?, 13.0);
         // State round trip: a fresh optimizer loaded with the state continues identically.
-        let state: HashMap<_, _> = opt.state_tensors()?.into_iter().collect();
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("optimizer.safetensors");
+        crate::model::write_safetensors_data(&file, opt.state_data())?;
+        let state: HashMap<_, _> = candle_core::safetensors::load(&file, &Device::Cpu)?;
+        assert_eq!(state.len(), 4);
         let w2 = Var::from_tensor(&w.as_tensor().copy()?)?;
         let mut opt2 = AdamW::new(vec![("layer.weight".into(), w2.clone())], cfg)?;
         let mut st = state.clone();

@@ -689,7 +689,7 @@ impl Trainer {
         }
         let tmp = tempfile::Builder::new().prefix(".tmp-ckpt-").tempdir_in(self.files.checkpoints_dir())?;
         self.save_weights(tmp.path())?;
-        crate::model::write_safetensors(&tmp.path().join("optimizer.safetensors"), &self.opt.state_tensors()?)?;
+        crate::model::write_safetensors_data(&tmp.path().join("optimizer.safetensors"), self.opt.state_data())?;
         // Everything a resume needs is a function of the step and the config; the
         // derived positions are written out so a reader need not recompute them.
         let step = self.state.step;
