@@ -358,8 +358,10 @@ fn engine_thread(
     }
 
     // The preload: settings that keep the build identical to the workspace's, then the library.
+    // One cell, so evcxr checks the dependency graph, builds and asks rust-analyzer once
+    // instead of once per line (a separate `:dep` cell costs a whole build of its own).
     let linker = if which("mold") { "mold" } else { "system" };
-    let mut preload: Vec<String> = vec![format!(":linker {linker}")];
+    let mut first: Vec<String> = vec![format!(":linker {linker}")];
     if let Some(lib) = &config.library {
         // evcxr's first build (at context creation, without dependencies) pruned
         // the slot's lock file; restore the workspace's so the preload resolves
@@ -367,13 +369,14 @@ fn engine_thread(
         crate::slot::seed_lockfile(lib, true);
         let lib = lib.canonicalize().unwrap_or_else(|_| lib.clone());
         let features = if cfg!(feature = "cuda") { ", features = [\"cuda\"]" } else { "" };
-        preload.push(format!(":dep tunebook = {{ path = {:?}{features} }}", lib.display().to_string()));
-        preload.push("use tunebook::prelude::*;".into());
+        first.push(format!(":dep tunebook = {{ path = {:?}{features} }}", lib.display().to_string()));
+        first.push("use tunebook::prelude::*;".into());
     }
+    let mut preload = vec![first.join("\n")];
     preload.extend(config.warm_cells.iter().cloned());
     let mut preload_error = None;
     for (i, cell) in preload.iter().enumerate() {
-        if cell.starts_with("use tunebook") {
+        if cell.contains("use tunebook::prelude") {
             let _ = events.send(Event::Progress("compiling tunebook (the first start after an install or upgrade builds its dependencies; later starts take seconds)".into()));
         }
         let result = cc.execute(cell);
