@@ -5,6 +5,7 @@ The tests talk to the real `tunebook-kernel` through the kernelspec that
 (`jupyter_client`) and `nbconvert`.
 """
 
+import os
 import queue
 import time
 
@@ -12,6 +13,10 @@ import jupyter_client
 import pytest
 
 KERNEL_NAME = "tunebook"
+# Kernels in these tests start from scratch and start no standby kernels (which
+# would preload in the background and compete for the CPU with the tests);
+# tests/test_standby.py turns them on for its own kernels.
+os.environ["TUNEBOOK_KERNEL_STANDBY"] = "0"
 # The first start after a fresh install may compile; later starts take seconds.
 READY_TIMEOUT = 900
 

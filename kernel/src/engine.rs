@@ -44,6 +44,10 @@ pub struct EngineConfig {
     pub library: Option<std::path::PathBuf>,
     /// Extra cells to run after the preload (pre-warming).
     pub warm_cells: Vec<String>,
+    /// Where a standby kernel hands the working directory and environment of
+    /// the kernel start that claims it to the cell process (see
+    /// [`crate::standby`]); `None` for a kernel started for its own client.
+    pub handover: Option<std::path::PathBuf>,
 }
 
 /// A compile error, formatted for people.
@@ -176,6 +180,7 @@ pub struct Engine {
     interrupted: Arc<AtomicU64>,
     killed_seq: Arc<AtomicU64>,
     ready: Arc<AtomicBool>,
+    settled: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -195,6 +200,7 @@ impl Engine {
             interrupted: Arc::new(AtomicU64::new(0)),
             killed_seq: Arc::new(AtomicU64::new(0)),
             ready: Arc::new(AtomicBool::new(false)),
+            settled: Arc::new(AtomicBool::new(false)),
         };
         let shared = Shared {
             child: engine.child.clone(),
@@ -203,6 +209,7 @@ impl Engine {
             interrupted: engine.interrupted.clone(),
             killed_seq: engine.killed_seq.clone(),
             ready: engine.ready.clone(),
+            settled: engine.settled.clone(),
         };
         std::thread::Builder::new()
             .name("evcxr-engine".into())
@@ -214,6 +221,11 @@ impl Engine {
     /// Whether the preload has finished.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Whether the preload and the rust-analyzer warm-up after it are done.
+    pub fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::SeqCst)
     }
 
     /// Whether a cell is running.
@@ -283,6 +295,13 @@ impl Engine {
         });
     }
 
+    /// Process id of the cell process, once evcxr has started it.
+    pub fn cell_process_id(&self) -> Option<u32> {
+        let handle = self.child.lock().unwrap().clone()?;
+        let id = handle.lock().unwrap().id();
+        Some(id)
+    }
+
     /// Stops the engine and its cell process.
     pub fn shutdown(&self) {
         if let Some(handle) = self.child.lock().unwrap().clone() {
@@ -299,6 +318,7 @@ struct Shared {
     interrupted: Arc<AtomicU64>,
     killed_seq: Arc<AtomicU64>,
     ready: Arc<AtomicBool>,
+    settled: Arc<AtomicBool>,
 }
 
 /// Messages from the engine thread to the pump thread.
@@ -327,6 +347,9 @@ fn engine_thread(
             Frontend::Repl => "repl",
         },
     );
+    if let Some(handover) = &config.handover {
+        command.env(crate::standby::HANDOVER_ENV, handover);
+    }
     let (ctx, outputs) = match EvalContext::with_subprocess_command(command) {
         Ok(x) => x,
         Err(e) => {
@@ -404,6 +427,9 @@ fn engine_thread(
     // Do that while the user is still typing: once, after a short idle period.
     let mut analyzer_warm = config.library.is_none() || preload_failed;
     loop {
+        if analyzer_warm {
+            shared.settled.store(true, Ordering::SeqCst);
+        }
         let req = if analyzer_warm {
             match requests.recv() {
                 Ok(r) => r,

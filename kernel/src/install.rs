@@ -120,6 +120,7 @@ pub fn prewarm() -> Result<()> {
         frontend: Frontend::Jupyter,
         library: Some(crate::slot::library_path()),
         warm_cells: vec![],
+        handover: None,
     });
     let mut last_progress = Instant::now();
     loop {

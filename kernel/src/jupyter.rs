@@ -31,8 +31,9 @@ use tokio::sync::{Mutex, mpsc};
 type IoPub = Arc<Mutex<KernelIoPubConnection>>;
 type ShellSend = Arc<Mutex<RouterSendConnection>>;
 
-/// Runs the kernel until a `shutdown_request` arrives.
-pub async fn serve(connection_file: &Path, engine: Engine) -> Result<()> {
+/// Runs the kernel until a `shutdown_request` arrives. `from_standby`: the
+/// engine was preloaded by a standby before this kernel start.
+pub async fn serve(connection_file: &Path, engine: Arc<Engine>, from_standby: bool) -> Result<()> {
     let text = std::fs::read_to_string(connection_file)
         .with_context(|| format!("cannot read connection file {}", connection_file.display()))?;
     let info: ConnectionInfo = serde_json::from_str(&text)
@@ -46,7 +47,6 @@ pub async fn serve(connection_file: &Path, engine: Engine) -> Result<()> {
     let mut heartbeat = create_kernel_heartbeat_connection(&info).await?;
     let (shell_send, mut shell_recv) = shell.split();
     let shell_send: ShellSend = Arc::new(Mutex::new(shell_send));
-    let engine = Arc::new(engine);
 
     tokio::spawn(async move {
         loop {
@@ -89,6 +89,7 @@ pub async fn serve(connection_file: &Path, engine: Engine) -> Result<()> {
         count: 0,
         preload: PreloadState::Loading { since: Instant::now(), last: String::new() },
         announced: false,
+        from_standby,
     };
     tokio::spawn(executor.run(exec_rx));
 
@@ -301,6 +302,7 @@ struct Executor {
     count: usize,
     preload: PreloadState,
     announced: bool,
+    from_standby: bool,
 }
 
 impl Executor {
@@ -358,6 +360,10 @@ impl Executor {
     /// Waits for the preload, showing its progress in the first cell.
     async fn wait_for_preload(&mut self, parent: &JupyterMessage) {
         let id = format!("tunebook-preload-{}", uuid::Uuid::new_v4());
+        // Progress that arrived before this kernel's client connected (a standby's preload).
+        while let Ok(ev) = self.events.try_recv() {
+            self.idle_event(ev);
+        }
         let mut shown = false;
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         loop {
@@ -377,6 +383,10 @@ impl Executor {
         if !self.announced {
             self.announced = true;
             let line = match &self.preload {
+                PreloadState::Ready(_) if self.from_standby => format!(
+                    "tunebook {} ready (preloaded in advance by a standby kernel)",
+                    env!("CARGO_PKG_VERSION")
+                ),
                 PreloadState::Ready(d) => format!(
                     "tunebook {} ready (preloaded in {:.1} s)",
                     env!("CARGO_PKG_VERSION"),

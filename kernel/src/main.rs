@@ -7,10 +7,14 @@ mod install;
 mod jupyter;
 mod repl;
 mod slot;
+mod standby;
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(name = "tunebook-kernel", version, about = "Jupyter kernel and REPL for tunebook (Rust, evcxr)")]
@@ -46,6 +50,13 @@ enum Command {
     Prewarm,
     /// An interactive terminal REPL with the library preloaded.
     Repl,
+    /// Keep a preloaded kernel waiting for the next kernel start (kernels start
+    /// one by themselves; `TUNEBOOK_KERNEL_STANDBY=0` turns that off).
+    Standby {
+        /// Stop the waiting standby instead.
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 /// Blocks SIGINT for this thread and threads started after it.
@@ -84,6 +95,37 @@ fn enter_slot(reseed: bool) -> anyhow::Result<slot::Slot> {
     Ok(slot)
 }
 
+/// Serves Jupyter with `engine` until shutdown. Once the kernel has been idle for
+/// a few seconds, or when it shuts down, it starts a standby kernel for the next
+/// start (see [`standby`]).
+pub(crate) fn serve_kernel(connection_file: &Path, engine: Arc<engine::Engine>, from_standby: bool) -> anyhow::Result<()> {
+    let spawned = Arc::new(AtomicBool::new(!standby::enabled()));
+    {
+        let (engine, spawned) = (engine.clone(), spawned.clone());
+        std::thread::spawn(move || {
+            let mut idle_since: Option<Instant> = None;
+            while !spawned.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(250));
+                if !engine.is_settled() || engine.is_busy() {
+                    idle_since = None;
+                    continue;
+                }
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= standby::IDLE_BEFORE_SPAWN && !spawned.swap(true, Ordering::SeqCst) {
+                    standby::spawn();
+                }
+            }
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let r = rt.block_on(jupyter::serve(connection_file, engine, from_standby));
+    rt.shutdown_timeout(Duration::from_millis(200));
+    if !spawned.swap(true, Ordering::SeqCst) {
+        standby::spawn();
+    }
+    r
+}
+
 fn main() -> ExitCode {
     if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
         // The process that runs cells: keep SIGINT pending for the library's
@@ -92,21 +134,31 @@ fn main() -> ExitCode {
         block_sigint();
         // SAFETY: prctl with constant arguments.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        standby::cell_process_init();
     }
     evcxr::runtime_hook();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { connection_file } => enter_slot(false).and_then(|_slot| {
-            let engine = engine::Engine::start(engine::EngineConfig {
-                frontend: engine::Frontend::Jupyter,
-                library: Some(slot::library_path()),
-                warm_cells: vec![],
-            });
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            let r = rt.block_on(jupyter::serve(&connection_file, engine));
-            rt.shutdown_timeout(std::time::Duration::from_millis(200));
-            r
-        }),
+        Command::Run { connection_file } => {
+            if standby::enabled() {
+                match standby::claim(&connection_file) {
+                    Ok(Some(lifeline)) => return lifeline.wait(),
+                    Ok(None) => {}
+                    Err(e) => eprintln!("tunebook-kernel: no standby kernel ({e:#}); starting from scratch"),
+                }
+            }
+            enter_slot(false).and_then(|_slot| {
+                let engine = Arc::new(engine::Engine::start(engine::EngineConfig {
+                    frontend: engine::Frontend::Jupyter,
+                    library: Some(slot::library_path()),
+                    warm_cells: vec![],
+                    handover: None,
+                }));
+                serve_kernel(&connection_file, engine, false)
+            })
+        }
+        Command::Standby { stop: true } => standby::stop(),
+        Command::Standby { stop: false } => standby::run(|| enter_slot(false)),
         Command::Install { user: _, sys_prefix, prefix, no_prewarm } => {
             let loc = match (sys_prefix, prefix) {
                 (true, _) => install::Location::SysPrefix,

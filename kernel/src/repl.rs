@@ -16,6 +16,7 @@ pub fn run() -> Result<()> {
         frontend: Frontend::Repl,
         library: Some(crate::slot::library_path()),
         warm_cells: vec![],
+        handover: None,
     }));
     {
         let engine = engine.clone();

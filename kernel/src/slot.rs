@@ -78,7 +78,9 @@ pub struct Slot {
     _lock: File,
 }
 
-fn try_lock(path: &Path) -> Result<Option<File>> {
+/// Takes an exclusive `flock` on `path` without waiting; `None` when another
+/// process holds it.
+pub fn try_lock(path: &Path) -> Result<Option<File>> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -175,8 +177,37 @@ fn prepare_target(dir: &Path, reseed: bool) -> Result<()> {
         let _ = fs::copy(shared.join(file), staging.join(file));
     }
     fs::create_dir_all(&staging)?;
+    link_library_build(dir, &staging);
     fs::rename(&staging, &target)?;
     Ok(())
+}
+
+/// Links slot 0's build of `tunebook` itself into a new slot's target. The
+/// workspace's build of the library cannot be reused (as a path dependency of
+/// evcxr's crate its metadata hash differs), so without this every new slot, a
+/// second kernel or a standby, would spend minutes compiling the library
+/// again. Slot 0 is the one `install` pre-warms; the cell crates' artifacts are
+/// never linked, so two slots never share a file that a build rewrites.
+fn link_library_build(dir: &Path, staging: &Path) {
+    let Some(root) = dir.parent() else { return };
+    let first = root.join("slot-0").join("target").join(TARGET_TRIPLE).join("debug");
+    if dir == root.join("slot-0") || !first.exists() {
+        return;
+    }
+    for (sub, prefix) in [("deps", "libtunebook-"), (".fingerprint", "tunebook-")] {
+        let Ok(entries) = fs::read_dir(first.join(sub)) else { continue };
+        let to_dir = staging.join(TARGET_TRIPLE).join("debug").join(sub);
+        for e in entries.flatten() {
+            if !e.file_name().to_string_lossy().starts_with(prefix) {
+                continue;
+            }
+            let to = to_dir.join(e.file_name());
+            if to.exists() || fs::create_dir_all(&to_dir).is_err() {
+                continue;
+            }
+            let _ = std::process::Command::new("cp").arg("-al").arg(e.path()).arg(&to).status();
+        }
+    }
 }
 
 /// Copies the workspace's `Cargo.lock` into the evcxr crate directory

@@ -22,7 +22,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// `use tunebook::prelude::*;`.
 pub mod prelude {
     pub use crate::display::{
-        self, DataFrameExt, EvcxrDisplay, Html, Line, LinePlot, MimeBundle, ProgressBar, Render, Table, input, live, show,
+        self, DataFrameExt, EvcxrDebugDisplay, EvcxrDisplay, Html, Line, LinePlot, MimeBundle, ProgressBar, Render, Table, input, live, show,
     };
     pub use crate::data::{
         ChatLoss, Columns, Dataset, DeltaVersion, PackOptions, PrepareOptions, Task, ValidationReport, WriteMode,

@@ -179,6 +179,30 @@ impl<T: Render + ?Sized> EvcxrDisplay for T {
     }
 }
 
+/// evcxr's display hook for every other `Debug` value: `text/plain` of `{:?}`, exactly
+/// what evcxr prints by itself, but found by the cell's first compile. Without it, a cell
+/// whose last expression has no `evcxr_display` (a number, a `Vec`, a `Result`) fails to
+/// compile once and is built again with evcxr's fallback: a whole second build per cell.
+///
+/// The receiver is `&mut self`, so method lookup reaches this trait only after
+/// [`EvcxrDisplay`] (`&self`) found nothing: [`Render`] types keep their rich output. A
+/// value that cannot be borrowed mutably (an immutable variable) still falls back to
+/// evcxr's own path, with the same output.
+pub trait EvcxrDebugDisplay {
+    /// Prints the value's `Debug` form in evcxr's content-block format.
+    fn evcxr_display(&mut self);
+}
+
+impl<T: std::fmt::Debug + ?Sized> EvcxrDebugDisplay for T {
+    fn evcxr_display(&mut self) {
+        let text = format!("EVCXR_BEGIN_CONTENT text/plain\n{:?}\nEVCXR_END_CONTENT\n", self);
+        let stdout = std::io::stdout();
+        let mut lock = stdout.lock();
+        let _ = lock.write_all(text.as_bytes());
+        let _ = lock.flush();
+    }
+}
+
 /// Where [`show`] and [`live`] output goes, read from `TUNEBOOK_DISPLAY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sink {
@@ -453,6 +477,42 @@ impl Render for Html {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// evcxr compiles `(expr).evcxr_display();` with the prelude in scope: a `Render` value
+    /// (here also `Debug`) must reach the rich hook, anything else the `Debug` one.
+    #[test]
+    fn the_display_hook_prefers_render_and_falls_back_to_debug() {
+        use std::cell::Cell;
+        thread_local! { static RICH: Cell<u32> = const { Cell::new(0) }; static PLAIN: Cell<u32> = const { Cell::new(0) }; }
+        #[derive(Clone)]
+        struct Both;
+        impl std::fmt::Debug for Both {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                PLAIN.with(|c| c.set(c.get() + 1));
+                f.write_str("Both")
+            }
+        }
+        impl Render for Both {
+            fn text_plain(&self) -> String {
+                RICH.with(|c| c.set(c.get() + 1));
+                "rich".into()
+            }
+        }
+        struct DebugOnly;
+        impl std::fmt::Debug for DebugOnly {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                PLAIN.with(|c| c.set(c.get() + 10));
+                f.write_str("DebugOnly")
+            }
+        }
+        (Both).evcxr_display();
+        let both = Both;
+        (both).evcxr_display();
+        assert_eq!((RICH.with(Cell::get), PLAIN.with(Cell::get)), (2, 0), "Render values keep their rich display");
+        (DebugOnly).evcxr_display();
+        (vec![1, 2]).evcxr_display();
+        assert_eq!((RICH.with(Cell::get), PLAIN.with(Cell::get)), (2, 10), "other values print their Debug form");
+    }
 
     #[test]
     fn escapes_every_special_character() {
