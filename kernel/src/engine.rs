@@ -390,9 +390,18 @@ fn engine_thread(
         // the slot's lock file; restore the workspace's so the preload resolves
         // exactly the versions the workspace compiled.
         crate::slot::seed_lockfile(lib, true);
-        let lib = lib.canonicalize().unwrap_or_else(|_| lib.clone());
         let features = if cfg!(feature = "cuda") { ", features = [\"cuda\"]" } else { "" };
-        first.push(format!(":dep tunebook = {{ path = {:?}{features} }}", lib.display().to_string()));
+        match crate::slot::notebook_crate(lib) {
+            Ok(dir) => first.push(format!(
+                ":dep tunebook = {{ package = \"tunebook-notebook\", path = {:?}{features} }}",
+                dir.display().to_string()
+            )),
+            Err(e) => {
+                let _ = events.send(Event::Progress(format!("cannot write the notebook crate ({e:#}); linking cells against the library's rlib")));
+                let lib = lib.canonicalize().unwrap_or_else(|_| lib.clone());
+                first.push(format!(":dep tunebook = {{ path = {:?}{features} }}", lib.display().to_string()));
+            }
+        }
         first.push("use tunebook::prelude::*;".into());
     }
     let mut preload = vec![first.join("\n")];

@@ -182,19 +182,20 @@ fn prepare_target(dir: &Path, reseed: bool) -> Result<()> {
     Ok(())
 }
 
-/// Links slot 0's build of `tunebook` itself into a new slot's target. The
+/// Links slot 0's build of `tunebook` itself (the rlib, and the notebook
+/// crate's shared object: see [`notebook_crate`]) into a new slot's target. The
 /// workspace's build of the library cannot be reused (as a path dependency of
 /// evcxr's crate its metadata hash differs), so without this every new slot, a
 /// second kernel or a standby, would spend minutes compiling the library
 /// again. Slot 0 is the one `install` pre-warms; the cell crates' artifacts are
-/// never linked, so two slots never share a file that a build rewrites.
+/// never shared between slots.
 fn link_library_build(dir: &Path, staging: &Path) {
     let Some(root) = dir.parent() else { return };
     let first = root.join("slot-0").join("target").join(TARGET_TRIPLE).join("debug");
     if dir == root.join("slot-0") || !first.exists() {
         return;
     }
-    for (sub, prefix) in [("deps", "libtunebook-"), (".fingerprint", "tunebook-")] {
+    for (sub, prefix) in [("deps", "libtunebook"), (".fingerprint", "tunebook-")] {
         let Ok(entries) = fs::read_dir(first.join(sub)) else { continue };
         let to_dir = staging.join(TARGET_TRIPLE).join("debug").join(sub);
         for e in entries.flatten() {
@@ -205,9 +206,35 @@ fn link_library_build(dir: &Path, staging: &Path) {
             if to.exists() || fs::create_dir_all(&to_dir).is_err() {
                 continue;
             }
-            let _ = std::process::Command::new("cp").arg("-al").arg(e.path()).arg(&to).status();
+            // The shared object is copied, not linked: a running kernel has it
+            // mapped, and a later rebuild in one slot must not rewrite it under
+            // the other. rlibs and fingerprints are only read at build time.
+            let how = if e.file_name().to_string_lossy().ends_with(".so") { "-p" } else { "-al" };
+            let _ = std::process::Command::new("cp").arg(how).arg(e.path()).arg(&to).status();
         }
     }
+}
+
+/// Writes the crate notebook cells depend on: `tunebook` re-exported as one
+/// shared object (`crate-type = ["dylib"]`, library name `tunebook`). Linked
+/// against the rlib instead, every cell's shared object would be linked from the
+/// ~360 rlibs of the dependency tree (0.7 s of a cell's 1 s compile, measured),
+/// and would carry its own copy of the library's statics. Returns its directory.
+pub fn notebook_crate(library: &Path) -> Result<PathBuf> {
+    let dir = slots_root().join("notebook-lib");
+    let library = library.canonicalize().unwrap_or_else(|_| library.to_path_buf());
+    let manifest = format!(
+        "# Written by tunebook-kernel (kernel/src/slot.rs): the tunebook library as one\n\
+         # shared object that notebook cells link against.\n\
+         [package]\nname = \"tunebook-notebook\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n\
+         [lib]\nname = \"tunebook\"\npath = \"lib.rs\"\ncrate-type = [\"dylib\"]\n\n\
+         [dependencies]\ntunebook-core = {{ package = \"tunebook\", path = {:?} }}\n\n\
+         [features]\ncuda = [\"tunebook-core/cuda\"]\n",
+        library.display().to_string()
+    );
+    write_if_changed(&dir.join("Cargo.toml"), &manifest)?;
+    write_if_changed(&dir.join("lib.rs"), "//! The tunebook library, re-exported as a dylib for notebook cells.\npub use tunebook_core::*;\n")?;
+    Ok(dir)
 }
 
 /// Copies the workspace's `Cargo.lock` into the evcxr crate directory
