@@ -21,6 +21,16 @@ os.environ["TUNEBOOK_KERNEL_STANDBY"] = "0"
 READY_TIMEOUT = 900
 
 
+def alive(pid):
+    """Whether a process runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def start_kernel():
     km = jupyter_client.KernelManager(kernel_name=KERNEL_NAME)
     km.start_kernel()

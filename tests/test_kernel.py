@@ -1,11 +1,13 @@
 """The tunebook kernel driven by the reference Jupyter client."""
 
+import subprocess
+import sys
 import time
 
 import jupyter_client
 from jupyter_client.session import Session
 
-from conftest import collect, execute, execute_async, start_kernel, stop_kernel
+from conftest import alive, collect, execute, execute_async, start_kernel, stop_kernel
 
 
 def test_kernel_info_answers_while_the_library_loads():
@@ -198,3 +200,24 @@ def test_restart_gives_a_fresh_working_kernel():
         assert r.status == "ok" and r.result_data()["text/plain"] == "42"
     finally:
         stop_kernel(km, kc)
+
+
+def test_a_kernel_whose_jupyter_dies_exits():
+    # The client process starts a kernel and is then killed without shutting it down.
+    script = (
+        "import jupyter_client, time\n"
+        "km = jupyter_client.KernelManager(kernel_name='tunebook')\n"
+        "km.start_kernel()\n"
+        "print(km.provisioner.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    kernel_pid = int(client.stdout.readline())
+    time.sleep(3)
+    assert alive(kernel_pid)
+    client.kill()
+    client.wait()
+    deadline = time.time() + 20
+    while alive(kernel_pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive(kernel_pid), "an orphaned kernel must exit, not hold its slot and memory"

@@ -9,7 +9,7 @@ import time
 import jupyter_client
 import pytest
 
-from conftest import KERNEL_NAME, READY_TIMEOUT, collect, execute, execute_async
+from conftest import KERNEL_NAME, READY_TIMEOUT, alive, collect, execute, execute_async
 
 
 def kernel_root():
@@ -23,16 +23,6 @@ def read_pid(name):
         return pid
     except (OSError, ValueError, IndexError):
         return None
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    # A zombie is dead for our purposes.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 @pytest.fixture

@@ -95,6 +95,27 @@ fn enter_slot(reseed: bool) -> anyhow::Result<slot::Slot> {
     Ok(slot)
 }
 
+/// Exits this process (after `cleanup`) once the process that started it, `parent`
+/// (Jupyter, nbconvert, papermill), is gone: an orphaned kernel would otherwise
+/// keep its slot and its memory forever. ipykernel does the same.
+pub(crate) fn exit_with_parent(parent: libc::pid_t, cleanup: impl FnOnce() + Send + 'static) {
+    if parent <= 1 {
+        return;
+    }
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            // SAFETY: getppid has no preconditions.
+            if unsafe { libc::getppid() } != parent {
+                break;
+            }
+        }
+        eprintln!("tunebook-kernel: the process that started this kernel (pid {parent}) is gone; exiting");
+        cleanup();
+        std::process::exit(0);
+    });
+}
+
 /// Serves Jupyter with `engine` until shutdown. Once the kernel has been idle for
 /// a few seconds, or when it shuts down, it starts a standby kernel for the next
 /// start (see [`standby`]).
@@ -140,9 +161,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { connection_file } => {
+            // SAFETY: getppid has no preconditions.
+            let parent = unsafe { libc::getppid() };
             if standby::enabled() {
                 match standby::claim(&connection_file) {
-                    Ok(Some(lifeline)) => return lifeline.wait(),
+                    Ok(Some(lifeline)) => return lifeline.wait(|f| exit_with_parent(parent, f)),
                     Ok(None) => {}
                     Err(e) => eprintln!("tunebook-kernel: no standby kernel ({e:#}); starting from scratch"),
                 }
@@ -154,6 +177,8 @@ fn main() -> ExitCode {
                     warm_cells: vec![],
                     handover: None,
                 }));
+                let watched = engine.clone();
+                exit_with_parent(parent, move || watched.shutdown());
                 serve_kernel(&connection_file, engine, false)
             })
         }

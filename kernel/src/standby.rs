@@ -235,8 +235,9 @@ pub fn claim(connection_file: &Path) -> Result<Option<Lifeline>> {
 
 impl Lifeline {
     /// Waits for the kernel to exit, forwarding SIGINT, SIGTERM and SIGHUP to it,
-    /// and returns its exit status.
-    pub fn wait(self) -> ExitCode {
+    /// and returns its exit status. `watch_parent` is given a cleanup to run if
+    /// this launcher's parent goes (the kernel then goes with the lifeline).
+    pub fn wait(self, watch_parent: impl FnOnce(Box<dyn FnOnce() + Send>)) -> ExitCode {
         let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
         // SAFETY: signal mask manipulation with a valid, initialised set, before
         // any other thread exists.
@@ -260,6 +261,10 @@ impl Lifeline {
                 }
             }
         });
+        watch_parent(Box::new(move || {
+            // SAFETY: kill of the kernel process this launcher claimed.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }));
         let mut code = 1u8;
         let mut text = String::new();
         let _ = BufReader::new(&self.stream).read_to_string(&mut text);
