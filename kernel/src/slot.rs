@@ -28,7 +28,7 @@ pub const PROFILE_CONFIG: &str = include_str!("../../.cargo/config.toml");
 pub const TARGET_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 
 /// Most kernels that can run at once on one machine.
-const MAX_SLOTS: usize = 16;
+pub const MAX_SLOTS: usize = 16;
 
 /// `$TUNEBOOK_HOME`, default `~/.cache/tunebook`.
 pub fn tunebook_home() -> PathBuf {
@@ -93,7 +93,7 @@ pub fn try_lock(path: &Path) -> Result<Option<File>> {
 }
 
 /// Writes `contents` to `path` atomically (temp file + rename) if it differs.
-fn write_if_changed(path: &Path, contents: &str) -> Result<()> {
+pub fn write_if_changed(path: &Path, contents: &str) -> Result<()> {
     if fs::read_to_string(path).ok().as_deref() == Some(contents) {
         return Ok(());
     }

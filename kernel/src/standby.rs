@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -387,6 +387,7 @@ pub fn run(enter_slot: impl FnOnce() -> Result<slot::Slot>) -> Result<()> {
     });
     let own_key = compat_key();
     let own_slot_lock = slot.dir.with_extension("lock");
+    let grace = grace();
     let mut last_kernel_seen = Instant::now();
     let mut announced = false;
     let wake = loop {
@@ -410,13 +411,13 @@ pub fn run(enter_slot: impl FnOnce() -> Result<slot::Slot>) -> Result<()> {
         if fs::read_link("/proc/self/exe").is_ok_and(|p| p.to_string_lossy().ends_with(" (deleted)")) {
             break Wake::Expired("the kernel executable was replaced");
         }
-        let others: Vec<PathBuf> = (0..64)
+        let others: Vec<PathBuf> = (0..slot::MAX_SLOTS)
             .map(|i| root.join(format!("slot-{i}.lock")))
             .filter(|p| *p != own_slot_lock && p.exists())
             .collect();
         if !flock_holders(&others).is_empty() {
             last_kernel_seen = Instant::now();
-        } else if last_kernel_seen.elapsed() > grace() {
+        } else if last_kernel_seen.elapsed() > grace {
             break Wake::Expired("no tunebook kernel ran for the grace period");
         }
     };
@@ -495,9 +496,7 @@ fn adopt(engine: &Engine, handover: &Path, req: &ClaimRequest) -> Result<()> {
     std::env::set_current_dir(&req.cwd)
         .with_context(|| format!("cannot enter the notebook's directory {}", req.cwd.display()))?;
     let h = Handover { cwd: req.cwd.clone(), env: req.env.clone() };
-    let tmp = handover.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec(&h)?)?;
-    fs::rename(&tmp, handover)?;
+    slot::write_if_changed(handover, &serde_json::to_string(&h)?)?;
     let _ = fs::remove_file(ack_path(handover));
     // The cell process exists once evcxr's context does (seconds after start).
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -513,7 +512,8 @@ fn adopt(engine: &Engine, handover: &Path, req: &ClaimRequest) -> Result<()> {
     // Wake the cell process's handover thread (it blocks opening the FIFO).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match OpenOptions::new().write(true).custom_flags_nonblock().open(fifo_path(handover)) {
+        // Non-blocking: opening fails at once (ENXIO) while no reader has it open.
+        match OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(fifo_path(handover)) {
             Ok(mut f) => {
                 let _ = f.write_all(b"go\n");
                 break;
@@ -529,17 +529,6 @@ fn adopt(engine: &Engine, handover: &Path, req: &ClaimRequest) -> Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     bail!("the cell process (pid {pid}) did not take the notebook's directory and environment")
-}
-
-trait NonBlocking {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlocking for OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -594,11 +583,7 @@ pub fn cell_process_init() {
         if let Err(e) = apply(&path) {
             eprintln!("tunebook: cannot adopt the notebook's environment: {e:#}");
         }
-        let ack = ack_path(&path);
-        let tmp = ack.with_extension("ack.tmp");
-        if fs::write(&tmp, format!("{}\n", std::process::id())).is_ok() {
-            let _ = fs::rename(&tmp, &ack);
-        }
+        let _ = slot::write_if_changed(&ack_path(&path), &format!("{}\n", std::process::id()));
     });
 }
 

@@ -164,19 +164,24 @@ pub trait EvcxrDisplay {
 
 impl<T: Render + ?Sized> EvcxrDisplay for T {
     fn evcxr_display(&self) {
-        let mut out = String::new();
-        for (mime, value) in &self.mime_bundle().entries {
-            let body = match value {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let _ = write!(out, "EVCXR_BEGIN_CONTENT {mime}\n{body}\nEVCXR_END_CONTENT\n");
-        }
-        let stdout = std::io::stdout();
-        let mut lock = stdout.lock();
-        let _ = lock.write_all(out.as_bytes());
-        let _ = lock.flush();
+        let bundle = self.mime_bundle();
+        print_evcxr_content(bundle.entries.iter().map(|(mime, value)| match value {
+            Value::String(s) => (mime.as_str(), s.clone()),
+            other => (mime.as_str(), other.to_string()),
+        }));
     }
+}
+
+/// Prints `(mime, body)` pairs as evcxr content blocks, in one write to stdout.
+fn print_evcxr_content<'a>(blocks: impl IntoIterator<Item = (&'a str, String)>) {
+    let mut out = String::new();
+    for (mime, body) in blocks {
+        let _ = write!(out, "EVCXR_BEGIN_CONTENT {mime}\n{body}\nEVCXR_END_CONTENT\n");
+    }
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    let _ = lock.write_all(out.as_bytes());
+    let _ = lock.flush();
 }
 
 /// evcxr's display hook for every other `Debug` value: `text/plain` of `{:?}`, exactly
@@ -195,11 +200,7 @@ pub trait EvcxrDebugDisplay {
 
 impl<T: std::fmt::Debug + ?Sized> EvcxrDebugDisplay for T {
     fn evcxr_display(&mut self) {
-        let text = format!("EVCXR_BEGIN_CONTENT text/plain\n{:?}\nEVCXR_END_CONTENT\n", self);
-        let stdout = std::io::stdout();
-        let mut lock = stdout.lock();
-        let _ = lock.write_all(text.as_bytes());
-        let _ = lock.flush();
+        print_evcxr_content([("text/plain", format!("{self:?}"))]);
     }
 }
 
