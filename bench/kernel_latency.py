@@ -54,7 +54,7 @@ def run_cell(kc, code):
 
 
 def kernel_home():
-    return os.environ.get("TUNEBOOK_HOME", os.path.expanduser("~/.cache/tunebook"))
+    return os.environ.get("TUNEBOOK_CACHE", os.path.expanduser("~/.cache/tunebook"))
 
 
 def kernel_exe():

@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$ROOT"
 "$ROOT/scripts/setup.sh"
 printf '\n== cargo test (library)\n'
+# The SmolLM2 GGUF was just installed: tests that need it fail without it.
+export TUNEBOOK_REQUIRE_SMOLLM2=1
 cargo_ test -p tunebook
 printf '\n== cargo test (kernel)\n'
 cargo_ test -p tunebook-kernel

@@ -13,7 +13,7 @@ from conftest import KERNEL_NAME, READY_TIMEOUT, alive, collect, execute, execut
 
 
 def kernel_root():
-    return os.path.join(os.environ.get("TUNEBOOK_HOME", os.path.expanduser("~/.cache/tunebook")), "kernel")
+    return os.path.join(os.environ.get("TUNEBOOK_CACHE", os.path.expanduser("~/.cache/tunebook")), "kernel")
 
 
 def read_pid(name):

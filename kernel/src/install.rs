@@ -51,7 +51,7 @@ pub fn kernels_dir(loc: &Location) -> Result<PathBuf> {
 /// The kernel.json contents for this executable.
 pub fn kernel_json(exe: &Path) -> serde_json::Value {
     let mut env = serde_json::Map::new();
-    for var in ["TUNEBOOK_HOME", "TUNEBOOK_LIB_PATH", "TUNEBOOK_TARGET_DIR", "TUNEBOOK_RUNS", "TUNEBOOK_BIN"] {
+    for var in ["TUNEBOOK_HOME", "TUNEBOOK_CACHE", "TUNEBOOK_LIB_PATH", "TUNEBOOK_TARGET_DIR", "TUNEBOOK_RUNS", "TUNEBOOK_BIN"] {
         if let Ok(v) = std::env::var(var) {
             env.insert(var.into(), v.into());
         }

@@ -27,7 +27,7 @@ pub fn run() -> Result<()> {
         });
     }
     let mut rl = rustyline::DefaultEditor::new()?;
-    let history = crate::slot::tunebook_home().join("repl_history");
+    let history = crate::slot::cache_dir().join("repl_history");
     let _ = rl.load_history(&history);
     eprintln!("tunebook {} REPL — loading the library in the background; :quit to leave", env!("CARGO_PKG_VERSION"));
     let mut ready_reported = false;

@@ -3,7 +3,7 @@
 //! evcxr compiles every cell inside a crate directory whose `target/` holds the
 //! compiled dependencies. A fresh directory per start would rebuild the whole
 //! dependency tree (tens of minutes for tunebook), so kernels reuse
-//! `$TUNEBOOK_HOME/kernel/slot-N`. Each slot is guarded by an exclusive `flock`
+//! `$TUNEBOOK_CACHE/kernel/slot-N`. Each slot is guarded by an exclusive `flock`
 //! held for the kernel's lifetime: a second kernel running at the same time takes
 //! the next free slot, so two kernels never compile into the same directory.
 //!
@@ -30,9 +30,11 @@ pub const TARGET_TRIPLE: &str = "x86_64-unknown-linux-gnu";
 /// Most kernels that can run at once on one machine.
 pub const MAX_SLOTS: usize = 16;
 
-/// `$TUNEBOOK_HOME`, default `~/.cache/tunebook`.
-pub fn tunebook_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("TUNEBOOK_HOME") {
+/// The kernel's state (slots, standby socket, REPL history) lives in tunebook's
+/// cache, `$TUNEBOOK_CACHE`, default `~/.cache/tunebook` (the library's
+/// `files::cache_dir`; runs and other user data are in `$TUNEBOOK_HOME`).
+pub fn cache_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("TUNEBOOK_CACHE").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
@@ -41,7 +43,7 @@ pub fn tunebook_home() -> PathBuf {
 
 /// Where the slots live.
 pub fn slots_root() -> PathBuf {
-    tunebook_home().join("kernel")
+    cache_dir().join("kernel")
 }
 
 /// The source directory of the `tunebook` library the kernel preloads:

@@ -6,7 +6,7 @@
 //! it work that does not depend on the notebook. So a running kernel, once idle
 //! for a few seconds or when it shuts down, starts a standby (`tunebook-kernel
 //! standby`, detached): it takes a slot, preloads the library and listens on
-//! `$TUNEBOOK_HOME/kernel/standby.sock`. The next `tunebook-kernel run` that
+//! `$TUNEBOOK_CACHE/kernel/standby.sock`. The next `tunebook-kernel run` that
 //! Jupyter starts (the launcher) connects to that socket and sends its
 //! connection file, working directory and environment; the standby becomes the
 //! kernel (binds Jupyter's ports, adopts the directory and environment in its
@@ -115,7 +115,7 @@ pub fn compat_key() -> String {
     key.push_str(&format!("lib={}\nsources={}\n", lib.display(), source_fingerprint(&lib)));
     key.push_str(&format!("cuda={}\n", cfg!(feature = "cuda")));
     for var in [
-        "TUNEBOOK_HOME",
+        "TUNEBOOK_CACHE",
         "TUNEBOOK_LIB_PATH",
         "TUNEBOOK_TARGET_DIR",
         "PATH",

@@ -15,7 +15,8 @@
 //! 2. Throughput: `metrics` records already in the log, shipped from scratch.
 
 use std::time::{Duration, Instant};
-use tunebook::track::{MetricRecord, MetricWal, MlflowClient, MlflowTracker, RunContext, RunOutcome, Tracker, TrackerOptions};
+use tunebook::mlflow::MlflowClient;
+use tunebook::track::{MetricRecord, MetricWal, MlflowTracker, RunContext, RunOutcome, Tracker, TrackerOptions};
 
 fn cpu_time() -> Duration {
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };

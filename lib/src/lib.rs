@@ -8,12 +8,18 @@
 
 pub mod data;
 pub mod display;
+pub mod files;
 pub mod interrupt;
+pub mod mlflow;
 pub mod model;
 pub mod registry;
+pub mod runs;
 pub mod tokenize;
 pub mod track;
 pub mod train;
+
+#[cfg(test)]
+mod module_graph;
 
 /// The library version, as logged in run tags.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -29,12 +35,12 @@ pub mod prelude {
     };
     pub use crate::interrupt;
     pub use crate::model::{
-        ChatMessage, GenerationConfig, LlamaConfig, LlamaModel, LoraConfig, Model, Packing, TextTokenizer, default_device,
+        GenerationConfig, LlamaConfig, LlamaModel, Lora, Model, Packing, default_device,
     };
     pub use crate::registry::Registry;
     pub use crate::tokenize::{Message, Tokenizer};
-    pub use crate::track::{MlflowClient, sync_run};
-    pub use crate::train::{self, FineTune, Run, Status, TaskType, TrainConfig};
+    pub use crate::mlflow::MlflowClient;
+    pub use crate::train::{self, FineTune, Run, Status, TrainConfig};
     pub use polars::prelude::{DataFrame, IntoLazy, LazyFrame, col, df, lit};
     pub use polars;
 }

@@ -4,7 +4,13 @@ use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "tunebook", version, about = "Fine-tune LLMs from a notebook, a REPL or this CLI")]
+#[command(
+    name = "tunebook",
+    version,
+    about = "Fine-tune LLMs from a notebook, a REPL or this CLI",
+    after_help = "Exit status: 0 done; 1 the answer is no (`data validate` found invalid rows, a run failed); \
+                  2 error, printed with its causes (also for bad arguments); 3 a run stopped on request."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -195,104 +201,82 @@ enum DataCommand {
     },
 }
 
-fn fail(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
-    ExitCode::from(2)
-}
+/// Exit status of a command that could not do its job: the error is printed with its
+/// whole chain of causes (`error: what failed: why: ...`).
+const EXIT_ERROR: u8 = 2;
+/// Exit status of a command that worked and whose answer is "no": `data validate`
+/// found invalid rows, or a training run failed.
+const EXIT_NEGATIVE: u8 = 1;
 
 fn main() -> ExitCode {
     tunebook::model::ops::tune_cpu_runtime();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Info => {
-            use tunebook::display::Render;
-            println!("{}", tunebook::info().text_plain());
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
         }
-        Command::Data(DataCommand::Validate(src)) => match tunebook::data::cli::validate(&src.source, &src.args()) {
-            Ok(true) => {}
-            Ok(false) => return ExitCode::from(1),
-            Err(e) => return fail(e),
-        },
-        Command::Data(DataCommand::Stats { source, model, context_length }) => {
-            if let Err(e) = tunebook::data::cli::stats(&source.source, &source.args(), &model, context_length) {
-                return fail(e);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    use tunebook::display::Render;
+    match cli.command {
+        Command::Info => println!("{}", tunebook::info().text_plain()),
+        Command::Data(DataCommand::Validate(src)) => {
+            if !tunebook::data::cli::validate(&src.source, &src.args())? {
+                return Ok(ExitCode::from(EXIT_NEGATIVE));
             }
+        }
+        Command::Data(DataCommand::Stats { source, model, context_length }) => {
+            tunebook::data::cli::stats(&source.source, &source.args(), &model, context_length)?
         }
         Command::Data(DataCommand::Prepare { source, model, context_length, seed }) => {
-            match tunebook::data::cli::prepare(&source.source, &source.args(), &model, context_length, seed) {
-                Ok(r) => println!(
-                    "rows={} windows={} tokens={} read_s={:.3} validate_s={:.3} tokenize_s={:.3} pack_s={:.3} total_s={:.3} rows_per_s={:.0}",
-                    r.rows,
-                    r.windows,
-                    r.tokens,
-                    r.read_s,
-                    r.validate_s,
-                    r.tokenize_s,
-                    r.pack_s,
-                    r.total_s(),
-                    r.rows as f64 / r.total_s().max(1e-9)
-                ),
-                Err(e) => return fail(e),
-            }
+            let r = tunebook::data::cli::prepare(&source.source, &source.args(), &model, context_length, seed)?;
+            println!(
+                "rows={} windows={} tokens={} read_s={:.3} validate_s={:.3} tokenize_s={:.3} pack_s={:.3} total_s={:.3} rows_per_s={:.0}",
+                r.rows,
+                r.windows,
+                r.tokens,
+                r.read_s,
+                r.validate_s,
+                r.tokenize_s,
+                r.pack_s,
+                r.total_s(),
+                r.rows as f64 / r.total_s().max(1e-9)
+            );
         }
         Command::Generate { model, prompt, chat, max_tokens, temperature, seed, ignore_eos } => {
             let args = tunebook::model::GenerateArgs { model, prompt, chat, max_tokens, temperature, seed, ignore_eos };
-            if let Err(e) = tunebook::model::run_generate_cli(&args) {
-                eprintln!("error: {e:#}");
-                return std::process::ExitCode::FAILURE;
-            }
+            tunebook::model::run_generate_cli(&args)?;
         }
         Command::Train { config, run_dir, detach } => {
-            return match tunebook::train::cli::train(config.as_deref(), run_dir.as_deref(), detach) {
-                Ok(code) => ExitCode::from(code as u8),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            let code = tunebook::train::cli::train(config.as_deref(), run_dir.as_deref(), detach)?;
+            return Ok(ExitCode::from(code as u8));
         }
         Command::Sample { dir, train, eval } => {
-            if let Err(e) = tunebook::train::sample::write(&dir, train, eval) {
-                return fail(format!("{e:#}"));
-            }
+            tunebook::train::sample::write(&dir, train, eval)?;
             println!("wrote {}/dates-train.jsonl ({train} rows) and dates-eval.jsonl ({eval} rows)", dir.display());
         }
         Command::Evaluate { model, data, limit, max_tokens } => {
-            use tunebook::display::Render;
-            let r = (|| -> anyhow::Result<_> {
-                let m = tunebook::model::Model::load(&model)?;
-                let ds = tunebook::data::Dataset::open(&data)?;
-                tunebook::train::sample::exact_match(&m, &ds, limit, max_tokens)
-            })();
-            match r {
-                Ok(r) => println!("{}\naccuracy {:.4}", r.text_plain(), r.accuracy),
-                Err(e) => return fail(format!("{e:#}")),
-            }
+            let m = tunebook::model::Model::load(&model)?;
+            let ds = tunebook::data::Dataset::open(&data)?;
+            let r = tunebook::train::sample::exact_match(&m, &ds, limit, max_tokens)?;
+            println!("{}\naccuracy {:.4}", r.text_plain(), r.accuracy);
         }
-        Command::Runs(cmd) => {
-            let r = match cmd {
-                RunsCommand::List => tunebook::train::cli::list(),
-                RunsCommand::Show { run } => tunebook::train::cli::show(&run),
-                RunsCommand::Cancel { run } => tunebook::train::cli::cancel(&run),
-                RunsCommand::Sync { run, tracking_uri } => tunebook::train::cli::sync(&run, tracking_uri.as_deref()),
-            };
-            if let Err(e) = r {
-                eprintln!("error: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        }
-        Command::Mlflow(cmd) => {
-            if let Err(e) = mlflow(cmd) {
-                eprintln!("error: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        }
+        Command::Runs(cmd) => match cmd {
+            RunsCommand::List => tunebook::train::cli::list()?,
+            RunsCommand::Show { run } => tunebook::train::cli::show(&run)?,
+            RunsCommand::Cancel { run } => tunebook::train::cli::cancel(&run)?,
+            RunsCommand::Sync { run, tracking_uri } => tunebook::train::cli::sync(&run, tracking_uri.as_deref())?,
+        },
+        Command::Mlflow(cmd) => mlflow(cmd)?,
     }
-    ExitCode::SUCCESS
+    Ok(ExitCode::SUCCESS)
 }
 
 fn mlflow(cmd: MlflowCommand) -> anyhow::Result<()> {
-    use tunebook::track::server;
+    use tunebook::mlflow::server;
     match cmd {
         MlflowCommand::Up { port, data_dir } => {
             let (s, already) = server::up(data_dir.as_deref(), port)?;

@@ -12,14 +12,18 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tunebook::model::{GenerationConfig, LlamaConfig, LlamaModel, LoraConfig, Model, write_tiny_model};
+use tunebook::model::{GenerationConfig, LlamaConfig, LlamaModel, Lora, Model, write_tiny_model};
 use tunebook::registry::Registry;
-use tunebook::track::params::{DROPPED_TAG, join_split_value};
-use tunebook::track::server::{LocalServer, ServerOptions};
-use tunebook::track::{
-    Auth, MetricRecord, MetricWal, MlflowClient, MlflowConfig, MlflowError, MlflowTracker, RetryPolicy, RunContext,
-    RunOutcome, RunStatus, TlsOptions, Tracker, TrackerOptions, WalCursor, sync_run,
-};
+use tunebook::mlflow::params::{DROPPED_TAG, join_split_value};
+use tunebook::mlflow::server::{LocalServer, ServerOptions};
+use tunebook::mlflow::{Auth, MlflowClient, MlflowConfig, MlflowError, RetryPolicy, RunStatus, TlsOptions};
+use tunebook::track::{MetricRecord, MetricWal, MlflowTracker, RunContext, RunOutcome, Tracker, TrackerOptions, WalCursor, sync_run};
+
+/// Logs a model directory on the tracker's MLflow run and registers it, as the
+/// training stage does at the end of a run.
+fn log_model(t: &mut MlflowTracker, run_dir: &Path, model_dir: &Path, register_to: Option<&str>) -> Result<Option<String>> {
+    tunebook::train::publish::log_model(run_dir, t, model_dir, register_to)
+}
 
 const ADMIN_PASSWORD: &str = "tunebook-Test-admin-pw1";
 
@@ -369,7 +373,7 @@ fn errors_name_what_went_wrong() -> Result<()> {
     let e = client(&url).run("0123456789abcdef0123456789abcdef").unwrap_err();
     assert!(e.downcast_ref::<MlflowError>().unwrap().is_not_found(), "{e:#}");
     // Nothing listening: a quick, clear error.
-    let port = tunebook::track::server::free_port()?;
+    let port = tunebook::mlflow::server::free_port()?;
     let t0 = Instant::now();
     let msg = format!("{:#}", client(&format!("http://127.0.0.1:{port}")).experiments(1).unwrap_err());
     assert!(msg.contains("tunebook mlflow up"), "{msg}");
@@ -418,7 +422,7 @@ fn tiny_chat_model(dir: &Path, seed: u64) -> Result<()> {
 /// 12 tokens each, EOS ignored so the comparison always has something to compare.
 fn answers(m: &Model) -> Result<(Vec<u32>, Vec<u32>)> {
     let cfg = GenerationConfig { ignore_eos: true, ..GenerationConfig::greedy(12) };
-    let chat = m.chat_with(&[tunebook::model::ChatMessage::user("where is my order")], &cfg, |_| {})?;
+    let chat = m.chat_with(&[tunebook::tokenize::Message::user("where is my order")], &cfg, |_| {})?;
     let plain = m.generate_with("hello world", &cfg, |_| {})?;
     assert_eq!(chat.ids.len(), 12);
     Ok((chat.ids, plain.ids))
@@ -439,10 +443,10 @@ fn registered_models_with_dotted_names_versions_and_aliases_load_back_and_chat()
         start(&mut t, &dir, "support-bot", Some("tunebook-tests"), &[])?;
         if i == 1 {
             // catalog.schema: the model is named after the run.
-            assert_eq!(t.log_model(&dir.join("model"), Some("main.support"))?.as_deref(), Some("main.support.support-bot/1"));
+            assert_eq!(log_model(&mut t, &dir, &dir.join("model"), Some("main.support"))?.as_deref(), Some("main.support.support-bot/1"));
         }
         let target = if i == 1 { "main.support.bot@champion" } else { "main.support.bot@champion,challenger" };
-        let v = t.log_model(&dir.join("model"), Some(target))?;
+        let v = log_model(&mut t, &dir, &dir.join("model"), Some(target))?;
         assert_eq!(v, Some(format!("main.support.bot/{i}")));
         let state = t.state().unwrap();
         t.finish(RunOutcome::Finished)?;
@@ -471,7 +475,7 @@ fn registered_models_with_dotted_names_versions_and_aliases_load_back_and_chat()
     assert_eq!(answers(&reg.load_model("models:/main.support.bot/1")?)?, local1);
     assert_eq!(answers(&reg.load_model("main.support.bot@stable")?)?, local1);
     assert_eq!(answers(&reg.load_model("main.support.support-bot/1")?)?, local1);
-    reg.load_model("main.support.bot/2")?.chat(&[tunebook::model::ChatMessage::user("hello")])?;
+    reg.load_model("main.support.bot/2")?.chat(&[tunebook::tokenize::Message::user("hello")])?;
     let dir = reg.download("main.support.bot/2")?;
     assert!(dir.starts_with(&cache) && dir.join(".complete").is_file() && dir.join("MLmodel").is_file());
     assert!(dir.join("components/tokenizer/tokenizer.json").is_file() && dir.join("model/model.safetensors").is_file());
@@ -486,7 +490,7 @@ fn registered_models_with_dotted_names_versions_and_aliases_load_back_and_chat()
     assert!(v.text_html().unwrap().contains(&format!("{url}/#/models/main.support.bot/versions/2")));
 
     // Python MLflow resolves the same name and reads the MLmodel.
-    let python = tunebook::track::server::find_mlflow()?.with_file_name("python");
+    let python = tunebook::mlflow::server::find_mlflow()?.with_file_name("python");
     let out = std::process::Command::new(&python)
         .env("MLFLOW_TRACKING_URI", &url)
         .arg("-c")
@@ -513,7 +517,7 @@ fn a_registered_peft_adapter_loads_on_its_base() -> Result<()> {
     let base = dir.join("base");
     tiny_chat_model(&base, 5)?;
     let mut llama = LlamaModel::from_hf_dir(&base, &candle_core::Device::Cpu, candle_core::DType::F32)?;
-    let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..LoraConfig::default() }.all_linear();
+    let lcfg = Lora { r: 4, alpha: 8.0, dropout: 0.0, ..Lora::default() }.all_linear();
     llama.add_lora(&lcfg)?;
     for layer in &llama.layers {
         for (_, lin) in layer.linears() {
@@ -532,7 +536,7 @@ fn a_registered_peft_adapter_loads_on_its_base() -> Result<()> {
 
     let mut t = MlflowTracker::with_client(c.clone())?.options(fast());
     start(&mut t, &dir, "adapter-run", Some("tunebook-tests"), &[])?;
-    assert_eq!(t.log_model(&adapter, Some("main.support.adapter@champion"))?.as_deref(), Some("main.support.adapter/1"));
+    assert_eq!(log_model(&mut t, &dir, &adapter, Some("main.support.adapter@champion"))?.as_deref(), Some("main.support.adapter/1"));
     t.finish(RunOutcome::Finished)?;
     let reg = Registry::with_client(c).cache_dir(fresh_dir("adapter-cache"));
     let dl = reg.download("main.support.adapter@champion")?;
@@ -561,7 +565,7 @@ fn an_offline_run_syncs_later_with_its_model_and_status() -> Result<()> {
         wal.append(&[MetricRecord::now("loss/train/total", 1.0, step)])?;
     }
     tiny_chat_model(&dir.join("model"), 3)?;
-    let report = sync_run(&dir, Some(&url))?;
+    let report = tunebook::train::sync(dir.to_str().unwrap(), Some(&url))?;
     assert_eq!(report.metrics_sent, 1500);
     assert_eq!(report.status, Some(RunStatus::Finished));
     assert_eq!(report.registered.as_deref(), Some("main.offline.offline-run/1"));
@@ -573,7 +577,7 @@ fn an_offline_run_syncs_later_with_its_model_and_status() -> Result<()> {
     assert_eq!(steps_once(&c, &report.run_id, "loss/train/total").len(), 1500);
     assert_eq!(Registry::with_client(c.clone()).resolve("main.offline.offline-run@champion")?.version, "1");
     // Again: nothing new is sent, logged or registered.
-    let again = sync_run(&dir, Some(&url))?;
+    let again = tunebook::train::sync(dir.to_str().unwrap(), Some(&url))?;
     assert_eq!((again.metrics_sent, again.run_id.as_str()), (0, report.run_id.as_str()));
     assert_eq!(again.registered, report.registered);
     assert_eq!(Registry::with_client(c).versions("main.offline.offline-run")?.len(), 1);

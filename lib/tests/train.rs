@@ -8,7 +8,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tunebook::model::{LlamaConfig, write_tiny_model};
-use tunebook::train::{FineTune, Run, Status, TaskType, TrainConfig};
+use tunebook::data::Task;
+use tunebook::train::{FineTune, Run, Status, TrainConfig};
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
@@ -89,7 +90,7 @@ fn lora_fit_learns_and_writes_model_metrics_and_checkpoints() -> Result<()> {
         .eval_split(0.2)
         .eval_prompts(["say red 1"])
         .eval_max_new_tokens(8)
-        .lora(4, 8.0, 0.0, &[])
+        .lora(tunebook::model::Lora::rank(4).alpha(8.0).dropout(0.0))
         .learning_rate(2e-2)
         .context_length(64)
         .batch_size(2)
@@ -280,7 +281,7 @@ fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() -> Result<()> {
         model: model_dir.display().to_string(),
         name: "nan".into(),
         train_data: data.display().to_string(),
-        task: TaskType::ChatCompletion,
+        task: Task::Chat,
         training_duration: "1ep".into(),
         learning_rate: Some(1e-3),
         context_length: Some(96),
@@ -397,7 +398,7 @@ fn bf16_runs_compute_in_bf16_keep_f32_masters_and_learn() -> Result<()> {
             .batch_size(2)
             .training_duration("3ep");
         if lora {
-            ft = ft.lora(4, 8.0, 0.0, &[]);
+            ft = ft.lora(tunebook::model::Lora::rank(4).alpha(8.0).dropout(0.0));
         }
         // The model computes in bf16 (its weights are bf16), whatever the optimizer holds.
         let probe = tempfile::tempdir()?;

@@ -162,7 +162,11 @@ impl ValidationReport {
         let mut t = Table::new(["row", "field", "rule", "problem", "fix"]);
         for p in self.problems.iter().take(n) {
             t.push([
-                p.row.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                match (p.row, &p.line) {
+                    (Some(r), Some(l)) => format!("{r} ({l})"),
+                    (Some(r), None) => r.to_string(),
+                    (None, _) => "-".into(),
+                },
                 p.field.clone(),
                 p.rule.code().to_string(),
                 p.message.clone(),

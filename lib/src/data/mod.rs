@@ -96,15 +96,22 @@ impl From<PolarsError> for DataError {
     }
 }
 
-/// The three kinds of training data the product accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The three kinds of training data the product accepts, and what a run learns
+/// from them (the product's `task_type`: `CHAT_COMPLETION`, `INSTRUCTION_FINETUNE`,
+/// `CONTINUED_PRETRAIN`, written `chat_completion`, `instruction_finetune`, `continued_pretrain` in
+/// `CONFIG.toml`; the upper-case names and `chat`, `instruction`, `text` are accepted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub enum Task {
     /// Conversations: a `messages` list of `{role, content}`; formatted with
     /// the model's chat template; loss on assistant turns.
+    #[default]
+    #[serde(rename = "chat_completion", alias = "CHAT_COMPLETION", alias = "chat", alias = "ChatCompletion", alias = "Chat")]
     Chat,
     /// `prompt` plus `response` (or `completion`), not templated; loss on the response.
+    #[serde(rename = "instruction_finetune", alias = "INSTRUCTION_FINETUNE", alias = "instruction", alias = "InstructionFinetune", alias = "Instruction")]
     Instruction,
     /// Raw text (continued pretraining): a `text` column or `.txt` files; loss on everything.
+    #[serde(rename = "continued_pretrain", alias = "CONTINUED_PRETRAIN", alias = "text", alias = "ContinuedPretrain", alias = "Text")]
     Text,
 }
 
@@ -190,16 +197,43 @@ pub struct Dataset {
     /// Problems only visible while reading (a number among strings in JSONL,
     /// which polars turns into text), by row of `df`.
     load_problems: Vec<validate::Problem>,
+    /// For line-based files (JSONL, CSV): the file and 1-based line of each row.
+    lines: Option<std::sync::Arc<RowLines>>,
+}
+
+/// Where each row of a line-based file starts.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RowLines {
+    /// The files read, in order.
+    pub files: Vec<String>,
+    /// Per row: index into `files` and 1-based line number.
+    pub at: Vec<(u32, u32)>,
 }
 
 impl Dataset {
     /// Wraps a DataFrame you built or transformed in polars.
     pub fn from_polars(df: DataFrame) -> Self {
-        Dataset { df, source: "DataFrame".into(), task: None, columns: Columns::default(), load_problems: vec![] }
+        Dataset { df, source: "DataFrame".into(), task: None, columns: Columns::default(), load_problems: vec![], lines: None }
     }
 
     pub(crate) fn with_source(df: DataFrame, source: impl Into<String>) -> Self {
-        Dataset { df, source: source.into(), task: None, columns: Columns::default(), load_problems: vec![] }
+        Dataset { df, source: source.into(), task: None, columns: Columns::default(), load_problems: vec![], lines: None }
+    }
+
+    /// Records the file and line of each row (line-based sources); ignored unless
+    /// there is one entry per row.
+    pub(crate) fn with_lines(mut self, lines: RowLines) -> Self {
+        if lines.at.len() == self.df.height() {
+            self.lines = Some(std::sync::Arc::new(lines));
+        }
+        self
+    }
+
+    /// `data.jsonl line 7`: where an editor shows row `row`, for line-based files.
+    pub fn line_of(&self, row: usize) -> Option<String> {
+        let l = self.lines.as_ref()?;
+        let &(file, line) = l.at.get(row)?;
+        Some(format!("{} line {line}", l.files.get(file as usize)?))
     }
 
     /// Sets the task explicitly instead of detecting it from the columns.
@@ -320,7 +354,10 @@ impl Dataset {
                 }
             }
         }
-        Dataset { df, source: self.source.clone(), task: self.task, columns: self.columns.clone(), load_problems }
+        let lines = self.lines.as_ref().map(|l| {
+            std::sync::Arc::new(RowLines { files: l.files.clone(), at: idx.iter().filter_map(|&i| l.at.get(i as usize).copied()).collect() })
+        });
+        Dataset { df, source: self.source.clone(), task: self.task, columns: self.columns.clone(), load_problems, lines }
     }
 }
 

@@ -5,8 +5,10 @@ use super::{DataError, Dataset, PackOptions, Packed, Task};
 use crate::tokenize::{ChatTemplate, Message, TemplateError, TokenizeError, Tokenizer};
 use rayon::prelude::*;
 
-/// Which tokens of a conversation count in the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which tokens of a conversation count in the loss (`chat_loss` in `CONFIG.toml`:
+/// `all_assistant`, `last_assistant`, `all_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ChatLoss {
     /// Every assistant turn (content and its end-of-turn token). The default.
     #[default]

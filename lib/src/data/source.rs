@@ -2,7 +2,7 @@
 
 use super::delta::{self, DeltaVersion, WriteMode};
 use super::validate::{Problem, Rule};
-use super::{DataError, Dataset, Task};
+use super::{DataError, Dataset, RowLines, Task};
 use std::collections::BTreeMap;
 use polars::prelude::*;
 use std::io::Cursor;
@@ -162,7 +162,10 @@ impl Dataset {
         let path = path.as_ref();
         let mut frames = vec![];
         let mut kinds = KindTracker::default();
+        let mut lines = RowLines { files: vec![], at: vec![] };
         for file in files_with(path, &["jsonl", "json"])? {
+            let file_index = lines.files.len() as u32;
+            lines.files.push(file.display().to_string());
             let bytes = std::fs::read(&file).map_err(|e| io_err(&file, e))?;
             // editors on Windows start files with a byte order mark
             let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
@@ -191,6 +194,7 @@ impl Dataset {
                 }
                 clean.extend_from_slice(trimmed);
                 clean.push(b'\n');
+                lines.at.push((file_index, i as u32 + 1));
             }
             if clean.is_empty() {
                 continue;
@@ -202,7 +206,7 @@ impl Dataset {
                 .map_err(|e| io_err(&file, format!("{e}; rows must agree on the type of each field")))?;
             frames.push(df);
         }
-        let mut ds = Dataset::with_source(concat(frames, path)?, format!("jsonl:{}", path.display()));
+        let mut ds = Dataset::with_source(concat(frames, path)?, format!("jsonl:{}", path.display())).with_lines(lines);
         ds.load_problems = kinds.problems();
         Ok(ds)
     }
@@ -223,8 +227,12 @@ impl Dataset {
     pub fn from_csv(path: impl AsRef<Path>) -> Result<Dataset, DataError> {
         let path = path.as_ref();
         let mut frames = vec![];
+        let mut lines = RowLines { files: vec![], at: vec![] };
         for file in files_with(path, &["csv"])? {
             let bytes = std::fs::read(&file).map_err(|e| io_err(&file, e))?;
+            let file_index = lines.files.len() as u32;
+            lines.files.push(file.display().to_string());
+            lines.at.extend(csv_record_lines(&bytes).into_iter().skip(1).map(|l| (file_index, l)));
             let df = CsvReadOptions::default()
                 .with_has_header(true)
                 .with_infer_schema_length(None)
@@ -233,7 +241,7 @@ impl Dataset {
                 .map_err(|e| io_err(&file, e))?;
             frames.push(df);
         }
-        Ok(Dataset::with_source(concat(frames, path)?, format!("csv:{}", path.display())))
+        Ok(Dataset::with_source(concat(frames, path)?, format!("csv:{}", path.display())).with_lines(lines))
     }
 
     /// Reads every `.txt` file under a folder (recursively, sorted by path) for
@@ -314,4 +322,28 @@ impl Dataset {
     pub fn delta_version(path: impl AsRef<Path>) -> Result<Option<u64>, DataError> {
         delta::current_version(&path.as_ref().to_string_lossy())
     }
+}
+
+/// The 1-based line on which each record of a CSV file starts (the header
+/// included), counting newlines inside quoted fields as polars does. Blank lines
+/// are no records.
+fn csv_record_lines(bytes: &[u8]) -> Vec<u32> {
+    let (mut out, mut line, mut quoted, mut at_start) = (vec![], 1u32, false, true);
+    for &b in bytes {
+        if at_start && b != b'\n' && b != b'\r' {
+            out.push(line);
+            at_start = false;
+        }
+        match b {
+            b'"' => quoted = !quoted,
+            b'\n' => {
+                line += 1;
+                if !quoted {
+                    at_start = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }

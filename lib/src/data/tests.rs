@@ -644,3 +644,48 @@ fn previews_reports_and_histograms_render() {
     let hist = TokenHistogram::new(&[1, 2, 3, 100], 50);
     assert_eq!(hist.bins.iter().map(|b| b.2).sum::<usize>(), 4);
 }
+
+#[test]
+fn problems_in_jsonl_and_csv_name_the_line_an_editor_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("chats.jsonl");
+    let good = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    let bad = r#"{"messages": [{"role": "user", "content": "hi"}]}"#;
+    // Row 1 is on line 4: a blank line comes before it.
+    std::fs::write(&jsonl, format!("{good}\n\n\n{bad}\n{good}\n")).unwrap();
+    let report = Dataset::from_jsonl(&jsonl).unwrap().validate().unwrap();
+    assert!(!report.problems.is_empty());
+    for p in &report.problems {
+        assert_eq!((p.row, p.line.clone()), (Some(1), Some(format!("{} line 4", jsonl.display()))));
+    }
+    let p = &report.problems[0];
+    assert!(p.to_string().starts_with(&format!("row 1 ({} line 4)", jsonl.display())), "{p}");
+
+    // CSV: the header is line 1; a quoted field spans two lines.
+    let csv = dir.path().join("pairs.csv");
+    std::fs::write(&csv, "prompt,response\n\"two\nlines\",ok\nfine,\n").unwrap();
+    let report = Dataset::from_csv(&csv).unwrap().validate().unwrap();
+    let p = report.problems.iter().find(|p| p.row == Some(1)).expect("the empty response is a problem");
+    assert_eq!(p.line, Some(format!("{} line 4", csv.display())));
+    // A split keeps each row's line.
+    let (train, _) = Dataset::from_jsonl(&jsonl).unwrap().split(0.0, 1);
+    assert_eq!(train.line_of(2), Some(format!("{} line 5", jsonl.display())));
+}
+
+#[test]
+fn an_instruction_row_with_both_response_and_completion_is_ambiguous() {
+    let df = polars::df!(
+        "prompt" => ["a", "b"],
+        "response" => [Some("r"), None],
+        "completion" => [Some("c"), Some("c2")]
+    )
+    .unwrap();
+    let report = Dataset::from_polars(df.clone()).task(Task::Instruction).validate().unwrap();
+    let ambiguous: Vec<_> = report.problems.iter().filter(|p| p.rule == Rule::AmbiguousTarget).collect();
+    assert_eq!(ambiguous.len(), 1, "{:?}", report.problems);
+    assert_eq!(ambiguous[0].row, Some(0));
+    assert!(ambiguous[0].fix.contains("response"), "{}", ambiguous[0].fix);
+    // Mapping the target explicitly settles it.
+    let mapped = Dataset::from_polars(df).task(Task::Instruction).columns(Columns::default().response("completion")).validate().unwrap();
+    assert!(mapped.problems.iter().all(|p| p.rule != Rule::AmbiguousTarget), "{:?}", mapped.problems);
+}

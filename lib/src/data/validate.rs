@@ -30,11 +30,14 @@ pub enum Rule {
     EmptyContent,
     /// The model's chat template refused the conversation (`raise_exception`).
     TemplateRejected,
+    /// An instruction row has both `response` and `completion`: which one is the
+    /// target is ambiguous.
+    AmbiguousTarget,
 }
 
 impl Rule {
     /// Every rule, in report order.
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 12] = [
         Rule::MissingColumn,
         Rule::WrongType,
         Rule::NullMessages,
@@ -46,6 +49,7 @@ impl Rule {
         Rule::LastNotAssistant,
         Rule::EmptyContent,
         Rule::TemplateRejected,
+        Rule::AmbiguousTarget,
     ];
 
     /// A short stable name, e.g. `too_few_messages`.
@@ -62,6 +66,7 @@ impl Rule {
             Rule::LastNotAssistant => "last_not_assistant",
             Rule::EmptyContent => "empty_content",
             Rule::TemplateRejected => "template_rejected",
+            Rule::AmbiguousTarget => "ambiguous_target",
         }
     }
 }
@@ -85,19 +90,23 @@ pub struct Problem {
     pub message: String,
     /// How to fix it.
     pub fix: String,
+    /// Where an editor shows the row, for line-based files: `data.jsonl line 7`
+    /// (1-based, counting blank lines and the CSV header).
+    pub line: Option<String>,
 }
 
 impl Problem {
     pub(crate) fn new(row: Option<usize>, field: impl Into<String>, rule: Rule, message: impl Into<String>, fix: impl Into<String>) -> Self {
-        Problem { row, field: field.into(), rule, message: message.into(), fix: fix.into() }
+        Problem { row, field: field.into(), rule, message: message.into(), fix: fix.into(), line: None }
     }
 }
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.row {
-            Some(r) => write!(f, "row {r}, {}: {} [{}]. Fix: {}", self.field, self.message, self.rule, self.fix),
-            None => write!(f, "{}: {} [{}]. Fix: {}", self.field, self.message, self.rule, self.fix),
+        match (self.row, &self.line) {
+            (Some(r), Some(l)) => write!(f, "row {r} ({l}), {}: {} [{}]. Fix: {}", self.field, self.message, self.rule, self.fix),
+            (Some(r), None) => write!(f, "row {r}, {}: {} [{}]. Fix: {}", self.field, self.message, self.rule, self.fix),
+            (None, _) => write!(f, "{}: {} [{}]. Fix: {}", self.field, self.message, self.rule, self.fix),
         }
     }
 }
@@ -549,11 +558,25 @@ impl Dataset {
                 let (Some(prompts), Some(responses)) = (prompts, responses) else {
                     return Ok((vec![None; rows], report));
                 };
+                // Both `response` and `completion`, and no mapping saying which is the target.
+                let other = (c.response.is_none() && response_col == "response")
+                    .then(|| column_json(&self.df, "completion"))
+                    .flatten();
                 for (row, (p, r)) in prompts.iter().zip(&responses).enumerate() {
+                    let both = other.as_ref().and_then(|o| o.get(row)).is_some_and(|o| !o.is_null()) && !r.is_null();
+                    if both {
+                        problems.push(Problem::new(
+                            Some(row),
+                            "response/completion",
+                            Rule::AmbiguousTarget,
+                            "the row has both `response` and `completion`, so the target is ambiguous",
+                            "keep one of the two fields, or map the target with .columns(Columns::default().response(\"..\")) / --response",
+                        ));
+                    }
                     let p = text_field(row, &c.prompt, p, &mut problems);
                     let r = text_field(row, &response_col, r, &mut problems);
                     examples.push(match (p, r) {
-                        (Some(prompt), Some(response)) => Some(Example::Instruction { prompt, response }),
+                        (Some(prompt), Some(response)) if !both => Some(Example::Instruction { prompt, response }),
                         _ => None,
                     });
                 }
@@ -578,6 +601,9 @@ impl Dataset {
             problems.sort_by_key(|p| p.row);
         }
         report.valid_rows = examples.iter().filter(|e| e.is_some()).count();
+        for p in &mut problems {
+            p.line = p.row.and_then(|r| self.line_of(r));
+        }
         report.problems = problems;
         Ok((examples, report))
     }

@@ -129,50 +129,55 @@ impl LlamaConfig {
             bail!("config.json: model_type `{model_type}` is not supported (supported: llama, mistral, qwen2)");
         }
         if let Some(act) = get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
+            if act != "silu" && act != "swish" {
                 bail!("config.json: hidden_act `{act}` is not supported (only silu)");
             }
         }
         let heads = need("num_attention_heads")?;
-        let rope_scaling = match get("rope_scaling") {
-            None => None,
-            Some(rs) => parse_rope_scaling(rs)?,
+        check_keys(&map)?;
+        let (rope_theta, rope_scaling) = parse_rope(&map)?;
+        let rope_scaling = match rope_scaling {
+            // transformers falls back to max_position_embeddings when it is absent.
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: 0 }) => {
+                Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: need("max_position_embeddings")? })
+            }
+            other => other,
         };
-        let attention_bias = get("attention_bias").and_then(Value::as_bool).unwrap_or(false);
+        // As transformers reads them: Llama alone has `attention_bias` (q, k, v and o)
+        // and `mlp_bias`; Qwen2 always has q/k/v biases and nothing else; Mistral none.
+        let llama = model_type == "llama";
         let qwen = model_type == "qwen2";
-        let use_sw = get("use_sliding_window").and_then(Value::as_bool);
-        let sliding_window = match (model_type.as_str(), use_sw) {
-            ("qwen2", Some(true)) | ("mistral", _) => get("sliding_window").and_then(Value::as_u64).map(|v| v as usize),
-            _ => None,
+        let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
+        let attention_bias = llama && flag("attention_bias");
+        let sliding_window = sliding_window_of(&map, &model_type)?;
+        // transformers' defaults where a key is absent.
+        let (default_kv_heads, default_max_pos) = match model_type.as_str() {
+            "qwen2" => (32, 32768),
+            "mistral" => (8, 4096 * 32),
+            _ => (heads, 2048),
         };
         let eos_token_ids = match get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
             _ => vec![],
         };
-        let known = [
-            "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
-            "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "bos_token_id",
-            "eos_token_id", "hidden_act",
-        ];
-        let extra = map.iter().filter(|(k, _)| !known.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let extra = map.iter().filter(|(k, _)| !HANDLED_KEYS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
         let cfg = Self {
             vocab_size: need("vocab_size")?,
             hidden_size: need("hidden_size")?,
             intermediate_size: need("intermediate_size")?,
             num_hidden_layers: need("num_hidden_layers")?,
             num_attention_heads: heads,
-            num_key_value_heads: get("num_key_value_heads").and_then(Value::as_u64).map(|v| v as usize).unwrap_or(heads),
+            num_key_value_heads: get("num_key_value_heads").and_then(Value::as_u64).map(|v| v as usize).unwrap_or(default_kv_heads),
             head_dim_override: get("head_dim").and_then(Value::as_u64).map(|v| v as usize),
             rms_norm_eps: get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-            rope_theta: get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
-            max_position_embeddings: get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(2048) as usize,
+            max_position_embeddings: get("max_position_embeddings").and_then(Value::as_u64).unwrap_or(default_max_pos) as usize,
             tie_word_embeddings: get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             qkv_bias: qwen || attention_bias,
-            o_bias: !qwen && attention_bias,
-            mlp_bias: get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
+            o_bias: attention_bias,
+            mlp_bias: llama && flag("mlp_bias"),
             sliding_window,
             bos_token_id: get("bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
             eos_token_ids,
@@ -269,7 +274,8 @@ impl LlamaConfig {
         let head_dim = md.get(&key("attention.key_length")).and_then(|v| v.to_u64().ok()).map(|v| v as usize);
         let rope_scaling = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).map(|s| s.as_str()) {
             Some("linear") => Some(RopeScaling::Linear { factor: float("rope.scaling.factor").unwrap_or(1.0) }),
-            _ => None,
+            None | Some("none") => None,
+            Some(other) => bail!("GGUF: {} `{other}` is not supported (supported: none, linear)", key("rope.scaling.type")),
         };
         let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
         let cfg = Self {
@@ -299,22 +305,184 @@ impl LlamaConfig {
     }
 }
 
-fn parse_rope_scaling(v: &Value) -> Result<Option<RopeScaling>> {
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
-    let f = |k: &str| -> Result<f64> {
-        v.get(k).and_then(Value::as_f64).ok_or_else(|| anyhow!("config.json: rope_scaling `{kind}` needs a number `{k}`"))
+/// Keys of `config.json` this parser turns into fields (everything else is kept in
+/// `extra` and written back on save, once [`check_keys`] has accepted it).
+const HANDLED_KEYS: &[&str] = &[
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window",
+    "use_sliding_window", "bos_token_id", "eos_token_id", "hidden_act",
+];
+
+/// Keys that do not change what the model computes: bookkeeping, tokens, and
+/// settings of training or generation that tunebook takes from elsewhere.
+const METADATA_KEYS: &[&str] = &[
+    "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
+    "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class", "prefix", "task_specific_params",
+    "problem_type", "finetuning_task", "id2label", "label2id", "num_labels", "return_dict", "output_hidden_states",
+    "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
+    "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder",
+    // Generation settings written by older transformers into config.json.
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    // Tensor-parallel slicing of the same products (transformers computes the same values).
+    "pretraining_tp", "base_model_tp_plan", "base_model_pp_plan",
+    // Read by `attn_implementation` choices in transformers, not the arithmetic.
+    "_attn_implementation_autoset", "attn_implementation", "experts_implementation", "_commit_hash", "name_or_path",
+    // SmolLM2's and transformers.js' markers.
+    "is_llama_config", "transformers.js_config",
+];
+
+/// Refuses a `config.json` key that would change the computation and that tunebook
+/// does not implement, instead of silently computing something else.
+fn check_keys(map: &Map<String, Value>) -> Result<()> {
+    let get = |k: &str| map.get(k).filter(|v| !v.is_null());
+    if let Some(d) = get("attention_dropout").and_then(Value::as_f64) {
+        if d != 0.0 {
+            bail!("config.json: attention_dropout {d} is not supported (tunebook trains without attention dropout); set it to 0.0");
+        }
+    }
+    if let Some(f) = get("partial_rotary_factor").and_then(Value::as_f64) {
+        if f != 1.0 {
+            bail!("config.json: partial_rotary_factor {f} is not supported (rotary embeddings on every dimension only)");
+        }
+    }
+    for k in ["rope_interleaved", "use_mrope"] {
+        if get(k).and_then(Value::as_bool) == Some(true) {
+            bail!("config.json: {k} = true is not supported (rotary embeddings on halves of each head, as Llama applies them)");
+        }
+    }
+    if get("quantization_config").is_some() {
+        bail!("config.json: quantization_config is set: quantized checkpoints (GPTQ, AWQ, bitsandbytes...) are not supported; use the full-precision weights or a GGUF file");
+    }
+    const CHECKED: &[&str] = &[
+        "attention_dropout", "partial_rotary_factor", "layer_types", "max_window_layers", "quantization_config", "rope_interleaved",
+        "use_mrope",
+    ];
+    for k in map.keys() {
+        let k = k.as_str();
+        if !HANDLED_KEYS.contains(&k) && !METADATA_KEYS.contains(&k) && !CHECKED.contains(&k) {
+            bail!(
+                "config.json: key `{k}` is not understood by tunebook and may change what the model computes; \
+                 remove it if it does not (tunebook supports llama, mistral and qwen2 configurations)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The sliding window every layer uses, as transformers decides it. Mistral: the
+/// `sliding_window` (default 4096; `null` for none) on every layer. Qwen2: only with
+/// `use_sliding_window`, on the layers `layer_types` marks `sliding_attention`, or
+/// else on layers from `max_window_layers` (default 28) on. Llama: none. A window on
+/// some layers only is not implemented and is an error.
+fn sliding_window_of(map: &Map<String, Value>, model_type: &str) -> Result<Option<usize>> {
+    let get = |k: &str| map.get(k).filter(|v| !v.is_null());
+    let window = || get("sliding_window").and_then(Value::as_u64).map(|v| v as usize);
+    match model_type {
+        "mistral" => Ok(if map.contains_key("sliding_window") { window() } else { Some(4096) }),
+        "qwen2" => {
+            if get("use_sliding_window").and_then(Value::as_bool) != Some(true) {
+                return Ok(None);
+            }
+            let layers = get("num_hidden_layers").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let sliding: Vec<bool> = match get("layer_types").and_then(Value::as_array) {
+                Some(types) => types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(anyhow!("config.json: layer_types has {t}; expected full_attention or sliding_attention")),
+                    })
+                    .collect::<Result<_>>()?,
+                None => {
+                    let from = get("max_window_layers").and_then(Value::as_u64).unwrap_or(28) as usize;
+                    (0..layers).map(|i| i >= from).collect()
+                }
+            };
+            match (sliding.iter().all(|&s| s), sliding.iter().any(|&s| s)) {
+                (_, false) => Ok(None),
+                (true, true) => window().map(Some).ok_or_else(|| anyhow!("config.json: use_sliding_window is set but sliding_window is not")),
+                (false, true) => bail!(
+                    "config.json: sliding-window attention on some layers only (layer_types / max_window_layers) is not supported; tunebook uses one attention kind for every layer"
+                ),
+            }
+        }
+        _ => {
+            if let Some(t) = get("layer_types").and_then(Value::as_array).and_then(|t| t.iter().find(|t| t.as_str() != Some("full_attention"))) {
+                bail!("config.json: layer_types has {t}, but a {model_type} model attends fully in every layer here");
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// `rope_theta` and the rope scaling, from either layout found in the wild:
+/// transformers 5's `rope_parameters` (`{"rope_type", "rope_theta", ...}`) or the
+/// older top-level `rope_theta` plus `rope_scaling` (with `rope_type`, or `type`).
+/// An unknown rope type, or a field that would change the frequencies and is not
+/// implemented, is an error naming it.
+fn parse_rope(map: &Map<String, Value>) -> Result<(f64, Option<RopeScaling>)> {
+    let get = |k: &str| map.get(k).filter(|v| !v.is_null());
+    let top_theta = get("rope_theta").map(|v| v.as_f64().ok_or_else(|| anyhow!("config.json: rope_theta must be a number"))).transpose()?;
+    let (params, key) = match (get("rope_parameters"), get("rope_scaling")) {
+        (Some(p), None) => (Some(p), "rope_parameters"),
+        (None, Some(s)) => (Some(s), "rope_scaling"),
+        (None, None) => (None, ""),
+        (Some(p), Some(s)) => {
+            if p != s {
+                bail!("config.json: both rope_parameters and rope_scaling are set and they differ; keep one (rope_parameters for transformers 5)");
+            }
+            (Some(p), "rope_parameters")
+        }
     };
-    Ok(match kind {
-        "default" => None,
-        "linear" => Some(RopeScaling::Linear { factor: f("factor")? }),
-        "llama3" => Some(RopeScaling::Llama3 {
-            factor: f("factor")?,
-            low_freq_factor: f("low_freq_factor")?,
-            high_freq_factor: f("high_freq_factor")?,
-            original_max_position_embeddings: f("original_max_position_embeddings")? as usize,
-        }),
-        other => bail!("config.json: rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"),
-    })
+    let Some(params) = params else { return Ok((top_theta.unwrap_or(10000.0), None)) };
+    let Value::Object(p) = params else { bail!("config.json: {key} must be an object") };
+    if p.values().all(Value::is_object) && !p.is_empty() {
+        bail!("config.json: {key} gives rope parameters per layer type ({}); that is not supported", p.keys().cloned().collect::<Vec<_>>().join(", "));
+    }
+    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let theta = match (p.get("rope_theta").filter(|v| !v.is_null()), top_theta) {
+        (Some(v), top) => {
+            let t = v.as_f64().ok_or_else(|| anyhow!("config.json: {key}.rope_theta must be a number"))?;
+            if top.is_some_and(|top| top != t) {
+                bail!("config.json: rope_theta {} and {key}.rope_theta {t} differ; keep one", top.unwrap());
+            }
+            t
+        }
+        (None, Some(t)) => t,
+        (None, None) => 10000.0,
+    };
+    let num = |k: &str| -> Result<f64> {
+        p.get(k).and_then(Value::as_f64).ok_or_else(|| anyhow!("config.json: {key} of type `{kind}` needs a number `{k}`"))
+    };
+    let (scaling, fields): (Option<RopeScaling>, &[&str]) = match kind {
+        "default" => (None, &[]),
+        "linear" => (Some(RopeScaling::Linear { factor: num("factor")? }), &["factor"]),
+        "llama3" => (
+            Some(RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                // 0: absent, max_position_embeddings (filled in by the caller).
+                original_max_position_embeddings: p.get("original_max_position_embeddings").map(|_| num("original_max_position_embeddings")).transpose()?.unwrap_or(0.0) as usize,
+            }),
+            &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+        ),
+        other => bail!("config.json: {key} type `{other}` is not supported (supported: default, linear, llama3)"),
+    };
+    for (k, v) in p {
+        let harmless = ["rope_type", "type", "rope_theta"].contains(&k.as_str()) || fields.contains(&k.as_str());
+        // transformers writes `factor: 1.0` beside `default`; a neutral value changes nothing.
+        let neutral = k == "factor" && v.as_f64() == Some(1.0);
+        if !harmless && !neutral && !v.is_null() {
+            bail!("config.json: {key}.{k} is not used by rope type `{kind}` in tunebook and would change the rotary frequencies; remove it or use a supported rope type");
+        }
+    }
+    Ok((theta, scaling))
 }
 
 #[cfg(test)]

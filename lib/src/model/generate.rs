@@ -4,11 +4,10 @@
 
 use super::io::{ModelSource, resolve_model};
 use super::llama::{KvCache, LlamaModel};
-use super::text::{ChatMessage, HfTokenizer, TextTokenizer};
+use crate::tokenize::{Message, Tokenizer};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use std::sync::Arc;
 
 /// Sampling and stopping settings. The default is greedy, 256 new tokens.
 #[derive(Clone, Debug, PartialEq)]
@@ -283,7 +282,9 @@ pub struct Generation {
 #[derive(Clone)]
 pub struct Model {
     pub llama: LlamaModel,
-    pub tokenizer: Option<Arc<dyn TextTokenizer>>,
+    /// The tokenizer and chat template: the same [`Tokenizer`] training uses, so a
+    /// prompt is rendered and encoded exactly as the training data was.
+    pub tokenizer: Option<Tokenizer>,
     /// Where it was loaded from.
     pub source: Option<ModelSource>,
     /// Default generation settings (greedy, 256 tokens).
@@ -325,16 +326,13 @@ impl Model {
             return Self::load_adapter(dir, device, dtype);
         }
         let source = resolve_model(spec)?;
-        let (llama, tokenizer): (LlamaModel, Option<Arc<dyn TextTokenizer>>) = match &source {
+        let (llama, tokenizer) = match &source {
             ModelSource::HfDir(d) => {
                 let m = LlamaModel::from_hf_dir(d, device, dtype)?;
-                let t = if d.join("tokenizer.json").is_file() { Some(Arc::new(HfTokenizer::from_dir(d)?) as _) } else { None };
+                let t = if d.join("tokenizer.json").is_file() { Some(Tokenizer::load(d)?) } else { None };
                 (m, t)
             }
-            ModelSource::Gguf(p) => {
-                let m = LlamaModel::from_gguf(p, device, dtype)?;
-                (m, Some(Arc::new(HfTokenizer::from_gguf(p)?) as _))
-            }
+            ModelSource::Gguf(p) => (LlamaModel::from_gguf(p, device, dtype)?, Some(Tokenizer::from_gguf(p)?)),
         };
         Ok(Self { llama, tokenizer, source: Some(source), generation: GenerationConfig::default() })
     }
@@ -354,13 +352,13 @@ impl Model {
         m.llama.load_lora(dir)?;
         m.llama.merge_lora()?;
         if dir.join("tokenizer.json").is_file() {
-            m.tokenizer = Some(Arc::new(HfTokenizer::from_dir(dir)?));
+            m.tokenizer = Some(Tokenizer::load(dir)?);
         }
         Ok(m)
     }
 
     /// Wraps a model and an optional tokenizer.
-    pub fn new(llama: LlamaModel, tokenizer: Option<Arc<dyn TextTokenizer>>) -> Self {
+    pub fn new(llama: LlamaModel, tokenizer: Option<Tokenizer>) -> Self {
         Self { llama, tokenizer, source: None, generation: GenerationConfig::default() }
     }
 
@@ -379,19 +377,19 @@ impl Model {
         if !dir.join("generation_config.json").is_file() {
             let mut eos = self.llama.config.eos_token_ids.clone();
             if let Some(t) = &self.tokenizer {
-                eos.extend(t.eos_token_ids());
+                eos.extend(t.stop_ids());
             }
             eos.sort_unstable();
             eos.dedup();
             let g = serde_json::json!({"bos_token_id": self.llama.config.bos_token_id, "eos_token_id": eos, "do_sample": false});
-            super::io::atomic_write(&dir.join("generation_config.json"), serde_json::to_string_pretty(&g)?.as_bytes())?;
+            crate::files::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&g)?.as_bytes())?;
         }
         Ok(())
     }
 
-    fn tok(&self) -> Result<&dyn TextTokenizer> {
+    fn tok(&self) -> Result<&Tokenizer> {
         self.tokenizer
-            .as_deref()
+            .as_ref()
             .context("this model has no tokenizer (no tokenizer.json in its directory): use generate_ids with token ids")
     }
 
@@ -401,52 +399,68 @@ impl Model {
     }
 
     /// Replies to `messages` through the chat template, with the default settings.
-    pub fn chat(&self, messages: &[ChatMessage]) -> Result<String> {
+    pub fn chat(&self, messages: &[Message]) -> Result<String> {
         Ok(self.chat_with(messages, &self.generation, |_| {})?.text)
     }
 
-    /// Renders `messages` with the chat template and generation prompt, then generates.
-    pub fn chat_with(&self, messages: &[ChatMessage], config: &GenerationConfig, on_text: impl FnMut(&str)) -> Result<Generation> {
-        let prompt = self.tok()?.apply_chat_template(messages, true)?;
-        self.generate_with(&prompt, config, on_text)
+    /// Renders `messages` with the chat template and generation prompt (the same
+    /// rendering and encoding training used, [`Tokenizer::encode_chat`]), then generates.
+    pub fn chat_with(&self, messages: &[Message], config: &GenerationConfig, on_text: impl FnMut(&str)) -> Result<Generation> {
+        let prompt_ids = self.tok()?.encode_chat(messages, true)?;
+        self.generate_ids_with(prompt_ids, config, on_text)
     }
 
     /// Generates after `prompt` (tokenised without adding special tokens: chat templates
     /// already contain them), calling `on_text` with each new piece of text as it is decoded.
-    pub fn generate_with(&self, prompt: &str, config: &GenerationConfig, mut on_text: impl FnMut(&str)) -> Result<Generation> {
+    pub fn generate_with(&self, prompt: &str, config: &GenerationConfig, on_text: impl FnMut(&str)) -> Result<Generation> {
+        let prompt_ids = self.tok()?.encode(prompt, false)?;
+        self.generate_ids_with(prompt_ids, config, on_text)
+    }
+
+    /// Generates after `prompt_ids`, streaming text to `on_text`. Text is decoded
+    /// incrementally ([`crate::tokenize::DecodeStream`]: each token's text once, an
+    /// incomplete UTF-8 character held back); nothing of a stop string is ever passed
+    /// to `on_text`, even when it spans tokens, and the text ends before it.
+    pub fn generate_ids_with(&self, prompt_ids: Vec<u32>, config: &GenerationConfig, mut on_text: impl FnMut(&str)) -> Result<Generation> {
         let tok = self.tok()?;
-        let prompt_ids = tok.encode(prompt, false)?;
         let mut cfg = config.clone();
-        cfg.eos_token_ids.extend(tok.eos_token_ids());
+        cfg.eos_token_ids.extend_from_slice(tok.stop_ids());
         let mut stream = self.llama.stream_ids(&prompt_ids, &cfg)?;
+        let mut decoder = tok.decode_stream(true);
+        let longest_stop = config.stop_strings.iter().map(String::len).max().unwrap_or(0);
         let mut ids = Vec::new();
         let mut emitted = 0usize; // bytes of text already passed to on_text
         let mut text = String::new();
         let mut stopped = false;
         while let Some(t) = stream.next() {
-            ids.push(t?);
+            let id = t?;
+            ids.push(id);
             crate::interrupt::check().map_err(|e| anyhow::anyhow!("{e}"))?;
-            text = tok.decode(&ids, true)?;
-            if let Some(cut) = config.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+            let Some(piece) = decoder.step(id)? else { continue };
+            // A stop string can only end inside the new piece: search from where
+            // the longest one could have started.
+            let mut from = text.len().saturating_sub(longest_stop.saturating_sub(1));
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            text.push_str(&piece);
+            if let Some(cut) = config.stop_strings.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
                 text.truncate(cut);
                 stopped = true;
             }
-            // Hold back an incomplete UTF-8 sequence and any prefix of a stop string.
+            // Hold back any suffix that could begin a stop string.
             let mut safe = text.len();
-            if text.ends_with('\u{FFFD}') {
-                safe = text.trim_end_matches('\u{FFFD}').len();
-            }
             if !stopped {
                 for s in &config.stop_strings {
                     for k in (1..s.len()).rev() {
-                        if s.is_char_boundary(k) && text[..safe].ends_with(&s[..k]) {
+                        if s.is_char_boundary(k) && text.ends_with(&s[..k]) {
                             safe = safe.min(text.len() - k);
                             break;
                         }
                     }
                 }
             }
-            if safe > emitted && text.is_char_boundary(safe) && text.is_char_boundary(emitted) {
+            if safe > emitted && text.is_char_boundary(safe) {
                 on_text(&text[emitted..safe]);
                 emitted = safe;
             }
@@ -454,7 +468,7 @@ impl Model {
                 break;
             }
         }
-        if emitted < text.len() && text.is_char_boundary(emitted) {
+        if emitted < text.len() {
             on_text(&text[emitted..]);
         }
         let finish_reason = if stopped { FinishReason::Stop } else { stream.finish_reason().unwrap_or(FinishReason::Length) };
@@ -499,7 +513,7 @@ pub fn run_generate_cli(args: &GenerateArgs) -> Result<()> {
     };
     let g = match (&args.prompt, &args.chat) {
         (Some(p), None) => model.generate_with(p, &cfg, print)?,
-        (None, Some(c)) => model.chat_with(&[ChatMessage::user(c.clone())], &cfg, print)?,
+        (None, Some(c)) => model.chat_with(&[Message::user(c.clone())], &cfg, print)?,
         _ => bail!("give exactly one of --prompt TEXT or --chat TEXT"),
     };
     println!();

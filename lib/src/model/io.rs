@@ -11,16 +11,6 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
-/// so readers never see a half-written file.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    tmp.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all().ok();
-    tmp.persist(path).map_err(|e| anyhow!("renaming into {}: {}", path.display(), e.error))?;
-    Ok(())
-}
 
 fn st_dtype(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
@@ -97,24 +87,17 @@ pub fn write_safetensors_data(path: &Path, mut entries: Vec<(String, TensorData<
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        let io = |e: std::io::Error| anyhow!("writing {}: {e}", path.display());
-        w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&h).map_err(io)?;
+    crate::files::write_atomic_with(path, |w| {
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(&h)?;
         for (name, d) in &entries {
             match d {
-                TensorData::F32(v, _) => write_le(&mut w, v, |x| x.to_le_bytes()).map_err(io)?,
-                TensorData::Tensor(t) => write_tensor(&mut w, t).with_context(|| format!("writing tensor `{name}` to {}", path.display()))?,
+                TensorData::F32(v, _) => write_le(w, v, |x| x.to_le_bytes())?,
+                TensorData::Tensor(t) => write_tensor(w, t).with_context(|| format!("writing tensor `{name}`"))?,
             }
         }
-        w.flush().map_err(io)?;
-    }
-    tmp.as_file().sync_all().ok();
-    tmp.persist(path).map_err(|e| anyhow!("renaming into {}: {}", path.display(), e.error))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Writes a tensor's values little-endian, straight from its CPU storage.
@@ -166,6 +149,13 @@ impl ModelSource {
         match self {
             ModelSource::HfDir(d) => Some(d),
             ModelSource::Gguf(_) => None,
+        }
+    }
+
+    /// The directory or GGUF file itself (what [`crate::tokenize::Tokenizer::load`] takes).
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::HfDir(p) | ModelSource::Gguf(p) => p,
         }
     }
 }
@@ -415,7 +405,7 @@ impl LlamaModel {
                 }
             }
             let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-            atomic_write(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+            crate::files::write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
         }
         let mut cfg = self.config.to_hf_json();
         if let serde_json::Value::Object(m) = &mut cfg {
@@ -426,7 +416,7 @@ impl LlamaModel {
             };
             m.insert("torch_dtype".into(), serde_json::json!(dt));
         }
-        atomic_write(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        crate::files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         Ok(())
     }
 }

@@ -3,7 +3,8 @@
 //! `y = x·Wᵀ + (dropout(x)·Aᵀ·Bᵀ)·(alpha / r)`, A `[r, in]` Kaiming-uniform, B `[out, r]` zeros.
 //! The base weight stays a plain tensor: no gradient is computed or stored for it.
 
-use super::io::{atomic_write, write_safetensors};
+use super::io::write_safetensors;
+use crate::files::write_atomic;
 use super::llama::LlamaModel;
 use super::ops;
 use anyhow::{Context, Result, bail};
@@ -15,9 +16,19 @@ use std::path::Path;
 /// The projections LoRA can target, by their Hugging Face module names.
 pub const ALL_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
-/// What to adapt and how.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoraConfig {
+/// A LoRA configuration: what to adapt and how, with one set of defaults (rank 8,
+/// alpha 16, dropout 0.05, every projection) for the model engine, runs and
+/// `CONFIG.toml`'s `[lora]` section (keys `r`, `alpha`, `dropout`, `targets`,
+/// `use_rslora`). Built by name:
+///
+/// ```
+/// use tunebook::model::Lora;
+/// let l = Lora::rank(16).alpha(32.0).dropout(0.0).targets(&["q_proj", "v_proj"]);
+/// assert_eq!(l.scale(), 2.0);
+/// ```
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lora {
     /// Rank `r`.
     pub r: usize,
     /// Scale numerator: the update is multiplied by `alpha / r` (`alpha / √r` with rsLoRA).
@@ -25,28 +36,67 @@ pub struct LoraConfig {
     /// Dropout on the adapter's input while training.
     pub dropout: f32,
     /// Module names among [`ALL_TARGETS`].
+    #[serde(rename = "targets", alias = "target_modules")]
     pub target_modules: Vec<String>,
     /// rsLoRA scaling.
     pub use_rslora: bool,
-    /// Seed of A's initialisation.
+    /// Seed of A's initialisation (a run sets its own seed here).
+    #[serde(skip)]
     pub seed: u64,
 }
 
-impl Default for LoraConfig {
-    /// r 8, alpha 16, dropout 0.05, attention projections q/k/v/o.
+impl Default for Lora {
+    /// r 8, alpha 16, dropout 0.05, every projection ([`ALL_TARGETS`]).
     fn default() -> Self {
         Self {
             r: 8,
             alpha: 16.0,
             dropout: 0.05,
-            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect(),
+            target_modules: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
             seed: 0,
         }
     }
 }
 
-impl LoraConfig {
+impl Lora {
+    /// Adapters of rank `r`, the other settings at their defaults.
+    pub fn rank(r: usize) -> Self {
+        Self { r, ..Self::default() }
+    }
+
+    /// The scale numerator.
+    pub fn alpha(mut self, alpha: f64) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    /// Dropout on the adapter's input while training.
+    pub fn dropout(mut self, p: f32) -> Self {
+        self.dropout = p;
+        self
+    }
+
+    /// The projections that get adapters (names among [`ALL_TARGETS`]).
+    pub fn targets(mut self, modules: &[&str]) -> Self {
+        self.target_modules = modules.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// rsLoRA scaling (`alpha / √r`).
+    pub fn rslora(mut self, on: bool) -> Self {
+        self.use_rslora = on;
+        self
+    }
+
+    /// The seed of A's initialisation.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+}
+
+impl Lora {
     /// Targets every projection of every layer.
     pub fn all_linear(mut self) -> Self {
         self.target_modules = ALL_TARGETS.iter().map(|s| s.to_string()).collect();
@@ -124,7 +174,7 @@ fn module_name(sub: &str) -> &str {
 impl LlamaModel {
     /// Freezes the base weights and adds fresh adapters on `config.target_modules` of every layer
     /// (replacing any adapters already there).
-    pub fn add_lora(&mut self, config: &LoraConfig) -> Result<()> {
+    pub fn add_lora(&mut self, config: &Lora) -> Result<()> {
         config.validate()?;
         self.freeze_all()?;
         let device = self.device().clone();
@@ -173,7 +223,7 @@ impl LlamaModel {
     /// Saves the adapters in PEFT's layout: `dir/adapter_model.safetensors` (keys
     /// `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`, ...) and
     /// `dir/adapter_config.json`. Files are written atomically.
-    pub fn save_lora(&self, dir: impl AsRef<Path>, config: &LoraConfig, base_model_name_or_path: &str) -> Result<()> {
+    pub fn save_lora(&self, dir: impl AsRef<Path>, config: &Lora, base_model_name_or_path: &str) -> Result<()> {
         let dir = dir.as_ref();
         if !self.has_lora() {
             bail!("save_lora: the model has no LoRA adapters (call add_lora or load_lora first)");
@@ -213,13 +263,13 @@ impl LlamaModel {
             "alpha_pattern": {},
             "revision": null,
         });
-        atomic_write(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         Ok(())
     }
 
     /// Loads a PEFT LoRA adapter directory (as written by [`save_lora`](Self::save_lora), PEFT
     /// or any trainer using PEFT) onto this model, freezing the base weights. Returns its config.
-    pub fn load_lora(&mut self, dir: impl AsRef<Path>) -> Result<LoraConfig> {
+    pub fn load_lora(&mut self, dir: impl AsRef<Path>) -> Result<Lora> {
         let dir = dir.as_ref();
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path)
@@ -245,7 +295,7 @@ impl LlamaModel {
             Some(Value::String(s)) => vec![s.clone()],
             _ => vec![],
         };
-        let config = LoraConfig {
+        let config = Lora {
             r,
             alpha,
             dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,

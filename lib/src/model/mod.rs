@@ -11,12 +11,13 @@
 //! * LoRA: [`LlamaModel::add_lora`], [`LlamaModel::merge_lora`], PEFT-format
 //!   [`LlamaModel::save_lora`] / [`LlamaModel::load_lora`].
 //! * Generation: [`LlamaModel::stream_ids`] (token ids), [`Model::generate`] / [`Model::chat`]
-//!   (text through a [`TextTokenizer`]).
+//!   (text through the model's [`crate::tokenize::Tokenizer`], the one training uses).
 //!
 //! ```no_run
-//! use tunebook::model::{ChatMessage, Model};
+//! use tunebook::model::Model;
+//! use tunebook::tokenize::Message;
 //! let model = Model::load("HuggingFaceTB/SmolLM2-135M-Instruct")?;
-//! println!("{}", model.chat(&[ChatMessage::user("What is the capital of France?")])?);
+//! println!("{}", model.chat(&[Message::user("What is the capital of France?")])?);
 //! # anyhow::Ok(())
 //! ```
 
@@ -26,7 +27,6 @@ pub mod io;
 pub mod llama;
 pub mod lora;
 pub mod ops;
-pub mod text;
 pub mod tiny;
 
 pub use config::{LlamaConfig, RopeScaling};
@@ -35,10 +35,11 @@ pub use generate::{
 };
 pub use io::{ModelSource, TensorData, hf_cache_dir, resolve_model, write_safetensors, write_safetensors_data};
 pub use llama::{DecoderLayer, KvCache, Linear, LlamaModel, LossTape, Packing};
-pub use lora::{ALL_TARGETS, LoraAdapter, LoraConfig};
+pub use lora::{ALL_TARGETS, LoraAdapter, Lora};
 pub use ops::IGNORE_INDEX;
-pub use text::{ChatMessage, HfTokenizer, TextTokenizer};
 pub use tiny::write_tiny_model;
 
+#[cfg(test)]
+mod layout_tests;
 #[cfg(test)]
 mod tests;

@@ -397,7 +397,7 @@ fn layer_by_layer_backward_gives_the_whole_graph_gradients() -> Result<()> {
     // LoRA: only adapters train, and layer 0's input needs no gradient. (Dropout stays
     // off: its seed is process-wide and other tests draw from it concurrently.)
     let mut m = LlamaModel::random(LlamaConfig::tiny(), 6, &Device::Cpu)?;
-    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() }.all_linear())?;
+    m.add_lora(&Lora { r: 4, alpha: 8.0, dropout: 0.1, ..Lora::default() }.all_linear())?;
     for layer in &m.layers {
         for (_, lin) in layer.linears() {
             // B starts at zero; give it values so every path carries a gradient.
@@ -417,7 +417,7 @@ fn layer_by_layer_backward_gives_the_whole_graph_gradients() -> Result<()> {
 #[test]
 fn lora_trains_only_adapters_and_frozen_weights_get_no_gradient() -> Result<()> {
     let mut m = tiny()?;
-    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..LoraConfig::default() }.all_linear())?;
+    m.add_lora(&Lora { r: 4, alpha: 8.0, dropout: 0.1, ..Lora::default() }.all_linear())?;
     // B starts at zero, so make it non-zero to give A a gradient too.
     for layer in &m.layers {
         for (_, lin) in layer.linears() {
@@ -478,7 +478,7 @@ fn model_loss_gradient_matches_finite_differences() -> Result<()> {
 #[test]
 fn lora_merge_and_peft_round_trip() -> Result<()> {
     let mut m = tiny()?;
-    let cfg = LoraConfig { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..Default::default() };
+    let cfg = Lora { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], ..Default::default() };
     m.add_lora(&cfg)?;
     for layer in &m.layers {
         for (_, lin) in layer.linears() {
@@ -575,7 +575,7 @@ fn bf16_model_runs_the_composed_path_and_stays_close_to_f32() -> Result<()> {
     let err = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
     assert!(err < 0.05 * scale, "bf16 logits differ by {err} (scale {scale})");
-    bf.add_lora(&LoraConfig { dropout: 0.0, ..LoraConfig::default() })?;
+    bf.add_lora(&Lora { dropout: 0.0, ..Lora::default() })?;
     let labels: Vec<i64> = vec![3, 14, 15, 9, 26, 5];
     let grads = bf.loss(&x, &labels, &Packing::default(), true)?.backward()?;
     for (name, v) in bf.trainable_vars()? {
@@ -597,7 +597,7 @@ fn export_tiny_lora_for_peft() -> Result<()> {
     let mut cfg = LlamaConfig::tiny();
     cfg.tie_word_embeddings = true;
     let mut m = write_tiny_model(&dir.join("base"), cfg, 21)?;
-    let lcfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..LoraConfig::default() }.all_linear();
+    let lcfg = Lora { r: 4, alpha: 8.0, dropout: 0.0, ..Lora::default() }.all_linear();
     m.add_lora(&lcfg)?;
     for layer in &m.layers {
         for (_, lin) in layer.linears() {

@@ -97,7 +97,7 @@ pub fn plan(model_dir: &Path, model_id: &str, run_id: &str) -> Result<Plan> {
     let mut files = Vec::new();
     let mut size = 0u64;
     let mut has_tokenizer = false;
-    for f in crate::track::api::walk_files(model_dir)? {
+    for f in crate::mlflow::api::walk_files(model_dir)? {
         let rel = f.strip_prefix(model_dir).unwrap().to_string_lossy().replace('\\', "/");
         if rel == "MLmodel" || rel.split('/').any(|s| s.starts_with('.')) {
             continue;

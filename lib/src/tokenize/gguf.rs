@@ -94,6 +94,8 @@ pub(crate) struct GgufTokenizer {
     pub unk: Option<u32>,
     pub chat_template: Option<String>,
     pub tokens: Vec<String>,
+    /// End-of-turn and end-of-message ids (`tokenizer.ggml.eot_token_id`, `eom_token_id`).
+    pub end_of_turn: Vec<u32>,
 }
 
 /// Builds the `tokenizer.json` text for the tokenizer described by `content`.
@@ -161,7 +163,8 @@ pub(crate) fn build(content: &Content, path: &Path) -> Result<GgufTokenizer, Tok
             "vocab": vocab, "merges": merges},
     });
     let chat_template = get(content, "tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
-    Ok(GgufTokenizer { json: doc.to_string(), bos, eos, pad, unk, chat_template, tokens })
+    let end_of_turn = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| get_u32(content, k)).collect();
+    Ok(GgufTokenizer { json: doc.to_string(), bos, eos, pad, unk, chat_template, tokens, end_of_turn })
 }
 
 #[cfg(test)]

@@ -124,7 +124,21 @@ pub struct Tokenizer {
     template: Option<Arc<ChatTemplate>>,
     source: String,
     model_max_length: Option<usize>,
+    /// Ids that end a reply: eos, end-of-turn tokens, and `generation_config.json`'s `eos_token_id`.
+    stop_ids: Vec<u32>,
+    /// The model folder the tokenizer files were read from (copied verbatim on save).
+    files_dir: Option<PathBuf>,
 }
+
+/// Tokenizer files of a Hugging Face model folder, copied when a model is saved.
+const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+];
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -249,7 +263,20 @@ impl Tokenizer {
             .and_then(|v| v.as_f64())
             .filter(|v| *v > 0.0 && *v < 1e9)
             .map(|v| v as usize);
-        Self::assemble(&text, inner, special, template, path, model_max_length)
+        let mut stop_ids: Vec<u32> = special.eos.iter().map(|t| t.id).collect();
+        let generation = dir.join("generation_config.json");
+        if generation.is_file() {
+            let g: serde_json::Value = serde_json::from_str(&read(&generation)?)
+                .map_err(|e| TokenizeError::Parse { path: generation.clone(), message: e.to_string() })?;
+            match g.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => stop_ids.extend(n.as_u64().map(|v| v as u32)),
+                Some(serde_json::Value::Array(a)) => stop_ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
+                _ => {}
+            }
+        }
+        let mut tok = Self::assemble(&text, inner, special, template, path, model_max_length, stop_ids)?;
+        tok.files_dir = Some(dir.to_path_buf());
+        Ok(tok)
     }
 
     /// The tokenizer from its parts; `json` is the `tokenizer.json` text `inner` was parsed from.
@@ -260,8 +287,11 @@ impl Tokenizer {
         template: Option<String>,
         path: &Path,
         model_max_length: Option<usize>,
+        mut stop_ids: Vec<u32>,
     ) -> Result<Self, TokenizeError> {
         let (fast, post_adds_tokens) = fast_parts(json);
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
         let tok = Tokenizer {
             inner: Arc::new(inner),
             fast,
@@ -270,6 +300,8 @@ impl Tokenizer {
             template: None,
             source: path.display().to_string(),
             model_max_length,
+            stop_ids,
+            files_dir: None,
         };
         match template {
             Some(t) => tok.with_chat_template(&t),
@@ -306,7 +338,8 @@ impl Tokenizer {
             .iter()
             .find(|(k, _)| k.ends_with(".context_length"))
             .and_then(|(_, v)| v.to_u32().ok().map(|v| v as usize).or_else(|| v.to_u64().ok().map(|v| v as usize)));
-        Self::assemble(&g.json, inner, special, g.chat_template, path, model_max_length)
+        let stop_ids = g.eos.into_iter().chain(g.end_of_turn.iter().copied()).collect();
+        Self::assemble(&g.json, inner, special, g.chat_template, path, model_max_length, stop_ids)
     }
 
     /// Replaces the chat template (Jinja source as in tokenizer_config.json).
@@ -350,6 +383,51 @@ impl Tokenizer {
     /// End-of-sequence (end of turn) id.
     pub fn eos_id(&self) -> Option<u32> {
         self.special.eos.as_ref().map(|t| t.id)
+    }
+
+    /// Every id that ends a reply: eos, the end-of-turn tokens a GGUF declares, and
+    /// `generation_config.json`'s `eos_token_id` (Llama 3 lists several). Generation
+    /// stops on any of them.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// Writes the Hugging Face tokenizer files into a model folder: the files it
+    /// was loaded from, verbatim, or (from a GGUF) `tokenizer.json` and a
+    /// `tokenizer_config.json` with the chat template and special tokens.
+    pub fn save_hf_files(&self, dir: &Path) -> Result<(), TokenizeError> {
+        let write = |name: &str, bytes: &[u8]| -> Result<(), TokenizeError> {
+            let p = dir.join(name);
+            crate::files::write_atomic(&p, bytes)
+                .map_err(|e| TokenizeError::Io { path: p, source: std::io::Error::other(format!("{e:#}")) })
+        };
+        if let Some(src) = &self.files_dir {
+            if src != dir {
+                for f in TOKENIZER_FILES {
+                    let p = src.join(f);
+                    if p.is_file() {
+                        write(f, &std::fs::read(&p).map_err(|source| TokenizeError::Io { path: p.clone(), source })?)?;
+                    }
+                }
+            }
+            return Ok(());
+        }
+        write("tokenizer.json", self.inner.to_string(false).map_err(tk_err)?.as_bytes())?;
+        let mut cfg = serde_json::Map::new();
+        cfg.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        if let Some(t) = &self.template {
+            cfg.insert("chat_template".into(), t.source().into());
+        }
+        for (key, tok) in [("bos_token", &self.special.bos), ("eos_token", &self.special.eos), ("pad_token", &self.special.pad), ("unk_token", &self.special.unk)] {
+            if let Some(t) = tok {
+                cfg.insert(key.into(), t.content.clone().into());
+            }
+        }
+        if let Some(n) = self.model_max_length {
+            cfg.insert("model_max_length".into(), n.into());
+        }
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(tk_err)?;
+        write("tokenizer_config.json", text.as_bytes())
     }
 
     /// Padding id; falls back to eos when the model declares no pad token.

@@ -6,30 +6,39 @@
 //! tracker ships the log from its own thread, so a slow or absent server never
 //! slows a training step and never loses a metric.
 //!
-//! MLflow is the tracking server: [`MlflowClient`] is a typed, blocking REST client
-//! that follows the Python client's conventions (`MLFLOW_TRACKING_URI`,
-//! credentials, TLS options, retries); [`MlflowTracker`] mirrors a run to an
-//! MLflow run; [`sync_run`] ships a run that trained offline; [`server`] starts a
-//! local MLflow server (`tunebook mlflow up`). Models go to the registry through
-//! [`crate::registry`].
+//! MLflow is the tracking server, spoken to through [`crate::mlflow`]'s client:
+//! [`MlflowTracker`] mirrors a run to an MLflow run; [`sync_run`] ships a run that
+//! trained offline. Models are not the tracker's business: the training stage
+//! logs and registers them through [`crate::registry`] at the end of a run.
 
-pub mod api;
-pub mod client;
-pub mod config;
-pub mod display;
-pub mod params;
-pub mod server;
 pub mod shipper;
 pub mod tracker;
 pub mod wal;
 
-pub use api::{Experiment, FileInfo, KeyValue, Run, RunData, RunInfo, RunStatus};
-pub use client::{MlflowClient, MlflowError};
-pub use config::{Auth, MlflowConfig, RetryPolicy, TlsOptions};
-pub use params::metric_names;
 pub use shipper::ShipProgress;
-pub use tracker::{MlflowState, MlflowTracker, SyncReport, TrackerOptions, TrackingFile, sync_run};
+pub use tracker::{MlflowState, MlflowTracker, SyncReport, TrackerOptions, sync_run};
 pub use wal::{MetricRecord, MetricWal, WalCursor};
+
+use crate::mlflow::{MlflowClient, RunRef, RunStatus};
+
+/// The names a training run logs its metrics under: the ones fine-tuning users
+/// already chart (Databricks / Composer names).
+pub mod metric_names {
+    /// Training loss of a step.
+    pub const TRAIN_LOSS: &str = "loss/train/total";
+    /// Learning rate of a step.
+    pub const LEARNING_RATE: &str = "lr";
+    /// Global gradient norm before clipping.
+    pub const GRAD_NORM: &str = "grad_norm";
+    /// Window tokens per second of a step.
+    pub const TOKENS_PER_SEC: &str = "throughput/tokens_per_sec";
+    /// Mean next-token cross-entropy on the eval data.
+    pub const EVAL_LOSS: &str = "metrics/eval/LanguageCrossEntropy";
+    /// `exp(EVAL_LOSS)`.
+    pub const EVAL_PERPLEXITY: &str = "metrics/eval/LanguagePerplexity";
+    /// Share of eval target tokens predicted right (arg-max).
+    pub const EVAL_TOKEN_ACCURACY: &str = "metrics/eval/TokenAccuracy";
+}
 
 use anyhow::Result;
 use std::path::Path;
@@ -43,6 +52,16 @@ pub enum RunOutcome {
     Failed,
     /// Cancelled by the user.
     Killed,
+}
+
+impl From<RunOutcome> for RunStatus {
+    fn from(o: RunOutcome) -> Self {
+        match o {
+            RunOutcome::Finished => RunStatus::Finished,
+            RunOutcome::Failed => RunStatus::Failed,
+            RunOutcome::Killed => RunStatus::Killed,
+        }
+    }
 }
 
 /// What a tracker is told when a run starts or resumes.
@@ -72,10 +91,11 @@ pub trait Tracker: Send {
     }
     /// Upload a file or a directory as artifacts under `artifact_path`.
     fn log_artifact(&mut self, local: &Path, artifact_path: &str) -> Result<()>;
-    /// Log a model directory (Hugging Face layout) and, when `register_to` is given
-    /// (`catalog.schema` or `catalog.schema.model`), register it. Returns the
-    /// registered name and version, e.g. `main.support.bot/3`.
-    fn log_model(&mut self, model_dir: &Path, register_to: Option<&str>) -> Result<Option<String>>;
+    /// The MLflow run this tracker mirrors to (opened now if it is not yet), so the
+    /// training stage can log the run's model there; `None` when tracking is local.
+    fn mlflow_run(&mut self) -> Result<Option<(MlflowClient, RunRef)>> {
+        Ok(None)
+    }
     /// Ship everything left in the metric log and record how the run ended.
     fn finish(&mut self, outcome: RunOutcome) -> Result<()>;
     /// One line for the user about where the run's tracking data is: a link to the
@@ -109,18 +129,9 @@ impl Tracker for LocalTracker {
     fn log_artifact(&mut self, _local: &Path, _artifact_path: &str) -> Result<()> {
         Ok(())
     }
-    fn log_model(&mut self, _model_dir: &Path, _register_to: Option<&str>) -> Result<Option<String>> {
-        Ok(None)
-    }
     fn finish(&mut self, _outcome: RunOutcome) -> Result<()> {
         Ok(())
     }
-}
-
-/// [`sync_run`] for a run named as `tunebook runs sync RUN` names it: a run
-/// directory, or a run name under [`crate::train::runs_root`].
-pub fn sync_named(run: &str, tracking_uri: Option<&str>) -> Result<SyncReport> {
-    sync_run(&crate::train::resolve_run_dir(run)?, tracking_uri)
 }
 
 /// The tracker for a run: MLflow when a tracking URI is given or set in
@@ -128,7 +139,7 @@ pub fn sync_named(run: &str, tracking_uri: Option<&str>) -> Result<SyncReport> {
 /// [`summary`](Tracker::summary) says how to sync later). An invalid URI is an
 /// error; an unreachable server is not (see [`MlflowTracker`]).
 pub fn tracker_for(tracking_uri: Option<&str>) -> Result<Box<dyn Tracker>> {
-    match tracking_uri.map(str::to_string).or_else(config::tracking_uri_from_env) {
+    match tracking_uri.map(str::to_string).or_else(crate::mlflow::config::tracking_uri_from_env) {
         Some(uri) => Ok(Box::new(MlflowTracker::new(Some(&uri))?)),
         None => Ok(Box::new(LocalTracker)),
     }

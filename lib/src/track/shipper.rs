@@ -10,8 +10,8 @@
 //! shipper waits with a growing pause (0.5 s to 10 s); the trainer never waits for
 //! it, since it only appends to the log.
 
-use super::client::{MlflowClient, mlflow_error};
-use super::params::{MAX_METRICS_PER_BATCH, sanitize_key};
+use crate::mlflow::client::{MlflowClient, mlflow_error};
+use crate::mlflow::params::{MAX_METRICS_PER_BATCH, sanitize_key};
 use super::wal::{MetricRecord, WalCursor, read_from};
 use super::tracker::RemoteRun;
 use anyhow::Result;

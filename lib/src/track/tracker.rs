@@ -1,10 +1,12 @@
 //! [`MlflowTracker`]: a training run mirrored to an MLflow run, and [`sync_run`],
 //! which ships a run that trained offline (or whose server was away at the end).
 
-use super::api::{Run, RunStatus, run_url};
-use super::client::{MlflowClient, mlflow_error};
-use super::config::{MlflowConfig, RetryPolicy, env_nonempty};
-use super::params::{DROPPED_TAG, fit_params, fit_tags};
+use crate::mlflow::api::{Run, RunRef, RunStatus, run_url};
+use crate::mlflow::client::{MlflowClient, mlflow_error};
+use crate::mlflow::config::{MlflowConfig, RetryPolicy, env_nonempty};
+use crate::mlflow::display::{Cell, LinkTable};
+use crate::mlflow::params::{DROPPED_TAG, fit_params, fit_tags};
+use crate::runs::RunFiles;
 use super::shipper::{CURSOR_FILE, ShipProgress, Shipper, Sent, ship_batch};
 use super::wal::{WalCursor, now_millis};
 use super::{RunContext, RunOutcome, Tracker};
@@ -53,7 +55,21 @@ impl MlflowState {
 
     /// Writes it atomically.
     pub fn save(&self, run_dir: &Path) -> Result<()> {
-        crate::model::io::atomic_write(&run_dir.join(STATE_FILE), serde_json::to_string_pretty(self)?.as_bytes())
+        crate::files::write_atomic(&run_dir.join(STATE_FILE), serde_json::to_string_pretty(self)?.as_bytes())
+    }
+
+    /// Changes the saved state of `run_dir` (read afresh, so changes made by
+    /// another writer are kept) and returns it. `None` when the run has no MLflow run.
+    pub fn update(run_dir: &Path, f: impl FnOnce(&mut MlflowState)) -> Result<Option<MlflowState>> {
+        let Some(mut s) = Self::load(run_dir)? else { return Ok(None) };
+        f(&mut s);
+        s.save(run_dir)?;
+        Ok(Some(s))
+    }
+
+    /// The run as other MLflow objects point at it.
+    pub fn run_ref(&self) -> RunRef {
+        RunRef { experiment_id: self.experiment_id.clone(), run_id: self.run_id.clone() }
     }
 
     /// Link to the run in the MLflow UI.
@@ -112,12 +128,14 @@ impl RemoteRun {
         Ok(s)
     }
 
-    /// Changes the state and saves it.
+    /// Changes the state and saves it. The file is read afresh first, so what
+    /// another writer recorded there (the model the training stage logged) is kept.
     pub(crate) fn update(&self, f: impl FnOnce(&mut MlflowState)) -> Result<()> {
         let mut guard = self.state.lock().unwrap();
-        if let Some(s) = guard.as_mut() {
-            f(s);
-            s.save(&self.spec.run_dir)?;
+        if guard.is_some() {
+            if let Some(s) = MlflowState::update(&self.spec.run_dir, f)? {
+                *guard = Some(s);
+            }
         }
         Ok(())
     }
@@ -336,9 +354,12 @@ impl MlflowTracker {
         self.state().map(|s| s.run_id)
     }
 
-    /// The remote run's state, once open.
+    /// The remote run's state, once open, as `mlflow.json` records it (what the
+    /// training stage added there, the logged model, included).
     pub fn state(&self) -> Option<MlflowState> {
-        self.remote.as_ref().and_then(|r| r.get())
+        let open = self.remote.as_ref().and_then(|r| r.get())?;
+        let on_disk = self.run_dir.as_deref().and_then(|d| MlflowState::load(d).ok().flatten());
+        Some(on_disk.filter(|s| s.run_id == open.run_id).unwrap_or(open))
     }
 
     /// The shipper's progress (its final state after [`Tracker::finish`]).
@@ -407,17 +428,9 @@ impl Tracker for MlflowTracker {
         Ok(())
     }
 
-    fn log_model(&mut self, model_dir: &Path, register_to: Option<&str>) -> Result<Option<String>> {
-        let remote = self.remote()?.clone();
-        let state = remote.ensure(&self.client)?;
-        let out = crate::registry::log_and_register(&self.client, &state, &self.run_name, model_dir, register_to)?;
-        remote.update(|s| {
-            s.logged_model_id = Some(out.model_id.clone());
-            if out.registered.is_some() {
-                s.registered = out.registered.clone();
-            }
-        })?;
-        Ok(out.registered)
+    fn mlflow_run(&mut self) -> Result<Option<(MlflowClient, RunRef)>> {
+        let state = self.remote()?.ensure(&self.client)?;
+        Ok(Some((self.client.clone(), state.run_ref())))
     }
 
     fn finish(&mut self, outcome: RunOutcome) -> Result<()> {
@@ -459,23 +472,6 @@ impl Tracker for MlflowTracker {
     }
 }
 
-/// `<run_dir>/tracking.json`, written by the trainer when a run starts.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-pub struct TrackingFile {
-    #[serde(default)]
-    pub run_name: String,
-    #[serde(default)]
-    pub experiment: Option<String>,
-    #[serde(default)]
-    pub tracking_uri: Option<String>,
-    #[serde(default)]
-    pub register_to: Option<String>,
-    #[serde(default)]
-    pub params: Vec<(String, String)>,
-    #[serde(default)]
-    pub tags: Vec<(String, String)>,
-}
-
 /// What [`sync_run`] did.
 #[derive(Clone, Debug)]
 pub struct SyncReport {
@@ -494,36 +490,28 @@ pub struct SyncReport {
     pub status: Option<RunStatus>,
 }
 
-/// Ships a run directory to MLflow: opens (or continues) its MLflow run, sends
-/// every metric not sent yet, uploads `model/` as a LoggedModel and registers it
-/// when `tracking.json` has `register_to` (unless done before), and records the
-/// final status from `status.json`. Safe to run again: nothing is sent twice.
+/// Ships a run directory's tracking data to MLflow: opens (or continues) its
+/// MLflow run, sends every metric not sent yet, and records the final status from
+/// `status.json`. Safe to run again: nothing is sent twice. (The run's model is
+/// logged and registered by the training stage, `train::sync`, which calls this.)
 ///
 /// The server is `tracking_uri`, else the one `tracking.json` names, else the one
 /// the run was tracked on before, else `MLFLOW_TRACKING_URI`.
 pub fn sync_run(run_dir: &Path, tracking_uri: Option<&str>) -> Result<SyncReport> {
-    if !run_dir.is_dir() {
-        bail!("{} is not a run directory", run_dir.display());
-    }
-    let tracking: TrackingFile = match std::fs::read_to_string(run_dir.join("tracking.json")) {
-        Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}/tracking.json is damaged", run_dir.display()))?,
-        Err(_) => TrackingFile::default(),
-    };
-    let run_name = if tracking.run_name.is_empty() {
-        run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into())
-    } else {
-        tracking.run_name.clone()
-    };
+    let files = RunFiles::new(run_dir);
+    let local = files.status()?;
+    let tracking = files.tracking()?.unwrap_or_default();
+    let run_name = if tracking.run_name.is_empty() { files.name() } else { tracking.run_name.clone() };
     let previous = MlflowState::load(run_dir)?;
     let uri = tracking_uri
         .map(str::to_string)
         .or(tracking.tracking_uri.clone())
         .or(previous.as_ref().map(|s| s.tracking_uri.clone()))
-        .or_else(super::config::tracking_uri_from_env);
+        .or_else(crate::mlflow::config::tracking_uri_from_env);
     let client = MlflowClient::with_config(MlflowConfig::tracking(uri.as_deref())?)?;
     let spec = RunSpec {
         run_dir: run_dir.to_path_buf(),
-        run_name: run_name.clone(),
+        run_name,
         experiment: tracking.experiment.clone(),
         params: tracking.params.clone(),
         tags: tracking.tags.clone(),
@@ -536,44 +524,18 @@ pub fn sync_run(run_dir: &Path, tracking_uri: Option<&str>) -> Result<SyncReport
         sent += delivered as u64;
         refused += rejected as u64;
     }
-    let mut state = remote.get().unwrap_or(state);
-    let model_dir = run_dir.join("model");
-    if model_dir.is_dir() && (state.logged_model_id.is_none() || (tracking.register_to.is_some() && state.registered.is_none())) {
-        let out = crate::registry::log_and_register_with(
-            &client,
-            &state,
-            &run_name,
-            &model_dir,
-            tracking.register_to.as_deref(),
-            state.logged_model_id.as_deref(),
-        )?;
-        remote.update(|s| {
-            s.logged_model_id = Some(out.model_id.clone());
-            s.registered = out.registered.clone().or(s.registered.take());
-        })?;
-        state = remote.get().unwrap_or(state);
-    }
-    let local_status = std::fs::read_to_string(run_dir.join("status.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("status").and_then(|s| s.as_str()).map(str::to_string));
-    let status = match local_status.as_deref() {
-        Some("COMPLETED") | Some("FINISHED") => Some(RunStatus::Finished),
-        Some("FAILED") => Some(RunStatus::Failed),
-        Some("STOPPED") | Some("CANCELLED") | Some("KILLED") => Some(RunStatus::Killed),
-        _ => None,
+    let status = match local.status {
+        crate::runs::Status::Completed => Some(RunStatus::Finished),
+        crate::runs::Status::Failed => Some(RunStatus::Failed),
+        crate::runs::Status::Stopped => Some(RunStatus::Killed),
+        crate::runs::Status::Pending | crate::runs::Status::Running => None,
     };
     if let Some(s) = status {
-        let end = std::fs::metadata(run_dir.join("status.json"))
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_else(now_millis);
+        let end = local.ended_at.map(|t| (t * 1000.0) as i64).unwrap_or_else(now_millis);
         client.set_run_status(&state.run_id, s, Some(end))?;
         remote.update(|st| st.final_status = Some(s))?;
     }
-    let state = remote.get().unwrap_or(state);
+    let state = MlflowState::load(run_dir)?.or_else(|| remote.get()).unwrap_or(state);
     Ok(SyncReport {
         run_dir: run_dir.to_path_buf(),
         run_id: state.run_id.clone(),
@@ -585,3 +547,22 @@ pub fn sync_run(run_dir: &Path, tracking_uri: Option<&str>) -> Result<SyncReport
         status,
     })
 }
+
+impl SyncReport {
+    /// The card shown for a sync.
+    pub fn card(&self) -> LinkTable {
+        LinkTable::card(
+            "MLflow sync",
+            vec![
+                ("run", Cell::link(&self.run_id, &self.url)),
+                ("metrics sent", Cell::text(self.metrics_sent.to_string())),
+                ("metrics refused", Cell::text(self.metrics_rejected.to_string())),
+                ("model", Cell::text(self.model_id.clone().unwrap_or_else(|| "-".into()))),
+                ("registered", Cell::text(self.registered.clone().unwrap_or_else(|| "-".into()))),
+                ("status", Cell::text(self.status.map(|s| s.as_str()).unwrap_or("RUNNING (still going locally)"))),
+            ],
+        )
+    }
+}
+
+crate::mlflow::display::render_as_table!(SyncReport, SyncReport::card);

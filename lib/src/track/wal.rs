@@ -12,7 +12,6 @@
 //!   twice (a lost response) sends an identical metric, which MLflow stores once.
 
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -21,62 +20,7 @@ use std::path::{Path, PathBuf};
 /// File name of the metric log inside a run directory.
 pub const WAL_FILE: &str = "metrics.wal";
 
-/// One metric value at one optimizer step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MetricRecord {
-    /// Metric name, e.g. `loss/train/total`.
-    pub key: String,
-    /// The value; NaN and infinities are kept (written as strings).
-    #[serde(serialize_with = "ser_f64", deserialize_with = "de_f64")]
-    pub value: f64,
-    /// Optimizer step.
-    pub step: i64,
-    /// Milliseconds since the Unix epoch when the value was logged.
-    pub timestamp: i64,
-}
-
-impl MetricRecord {
-    /// A record stamped with the current time.
-    pub fn now(key: impl Into<String>, value: f64, step: i64) -> Self {
-        MetricRecord { key: key.into(), value, step, timestamp: now_millis() }
-    }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn ser_f64<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
-    if v.is_nan() {
-        s.serialize_str("NaN")
-    } else if v.is_infinite() {
-        s.serialize_str(if *v > 0.0 { "Infinity" } else { "-Infinity" })
-    } else {
-        s.serialize_f64(*v)
-    }
-}
-
-fn de_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Num {
-        F(f64),
-        S(String),
-    }
-    match Num::deserialize(d)? {
-        Num::F(v) => Ok(v),
-        Num::S(s) => match s.as_str() {
-            "NaN" => Ok(f64::NAN),
-            "Infinity" => Ok(f64::INFINITY),
-            "-Infinity" => Ok(f64::NEG_INFINITY),
-            other => Err(serde::de::Error::custom(format!("expected a number, NaN or Infinity, found {other:?}"))),
-        },
-    }
-}
+pub use crate::mlflow::api::{MetricRecord, now_millis};
 
 /// The append side of a run's metric log.
 pub struct MetricWal {
@@ -233,7 +177,7 @@ impl WalCursor {
 
     /// Store `offset` (temp file + rename).
     pub fn store(&self, offset: u64) -> Result<()> {
-        crate::model::io::atomic_write(&self.path, offset.to_string().as_bytes())
+        crate::files::write_atomic(&self.path, offset.to_string().as_bytes())
     }
 }
 

@@ -85,7 +85,7 @@ pub fn cancel(name: &str) -> Result<()> {
 
 /// `tunebook runs sync RUN`: ships the run to MLflow and prints what was sent.
 pub fn sync(name: &str, tracking_uri: Option<&str>) -> Result<()> {
-    let r = crate::track::sync_named(name, tracking_uri)?;
+    let r = super::publish::sync(name, tracking_uri)?;
     println!("{}", r.text_plain());
     Ok(())
 }

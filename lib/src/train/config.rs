@@ -1,36 +1,11 @@
 //! The fine-tuning configuration: every option of [`super::FineTune`], as one
 //! serialisable struct that is also the `tunebook train CONFIG.toml` format.
 
+use crate::data::{ChatLoss, Task};
+use crate::model::Lora;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-
-/// What the model learns from the data (the product's `task_type`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskType {
-    /// Conversations (`messages` rows) through the model's chat template; loss on assistant turns.
-    #[default]
-    #[serde(alias = "CHAT_COMPLETION", alias = "chat", alias = "ChatCompletion")]
-    ChatCompletion,
-    /// `prompt`/`response` rows, not templated; loss on the response.
-    #[serde(alias = "INSTRUCTION_FINETUNE", alias = "instruction", alias = "InstructionFinetune")]
-    InstructionFinetune,
-    /// Raw text; loss on every token.
-    #[serde(alias = "CONTINUED_PRETRAIN", alias = "text", alias = "ContinuedPretrain")]
-    ContinuedPretrain,
-}
-
-impl TaskType {
-    /// The data module's task.
-    pub fn data_task(self) -> crate::data::Task {
-        match self {
-            TaskType::ChatCompletion => crate::data::Task::Chat,
-            TaskType::InstructionFinetune => crate::data::Task::Instruction,
-            TaskType::ContinuedPretrain => crate::data::Task::Text,
-        }
-    }
-}
 
 /// How long to train: `"2ep"` epochs (fractions allowed), `"1000000tok"` tokens,
 /// `"200ba"` optimizer steps (batches).
@@ -107,44 +82,6 @@ pub enum Precision {
     Bf16,
 }
 
-/// LoRA settings of a run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraSection {
-    /// Rank.
-    pub r: usize,
-    /// Scale numerator (`alpha / r`).
-    pub alpha: f64,
-    /// Dropout on the adapter input.
-    pub dropout: f32,
-    /// Projections that get adapters.
-    pub targets: Vec<String>,
-}
-
-impl Default for LoraSection {
-    fn default() -> Self {
-        LoraSection {
-            r: 8,
-            alpha: 16.0,
-            dropout: 0.05,
-            targets: crate::model::ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-}
-
-/// Which chat tokens count in the loss.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChatLossSetting {
-    /// Every assistant turn.
-    #[default]
-    AllAssistant,
-    /// Only the last assistant turn.
-    LastAssistant,
-    /// Every token.
-    AllTokens,
-}
-
 /// Everything a fine-tuning run needs. Field names are the `CONFIG.toml` keys.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -154,7 +91,7 @@ pub struct TrainConfig {
     /// Run name (also the run directory name); generated when empty.
     pub name: String,
     /// What to learn.
-    pub task: TaskType,
+    pub task: Task,
     /// Training data: a `.jsonl`/`.parquet`/`.csv` file or folder, a Delta table folder (`@vN` for a version), or a folder of `.txt` files.
     pub train_data: String,
     /// Evaluation data, same formats.
@@ -178,7 +115,7 @@ pub struct TrainConfig {
     /// MLflow tracking URI (default: `MLFLOW_TRACKING_URI`).
     pub tracking_uri: Option<String>,
     /// LoRA settings; absent means full fine-tuning.
-    pub lora: Option<LoraSection>,
+    pub lora: Option<Lora>,
     /// Windows per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -218,7 +155,7 @@ pub struct TrainConfig {
     /// Pack several examples per window.
     pub packing: bool,
     /// Which chat tokens count in the loss.
-    pub chat_loss: ChatLossSetting,
+    pub chat_loss: ChatLoss,
     /// `f32`, or `bf16` (bf16 compute, f32 master weights; for CUDA).
     pub precision: Precision,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -230,7 +167,7 @@ impl Default for TrainConfig {
         TrainConfig {
             model: String::new(),
             name: String::new(),
-            task: TaskType::ChatCompletion,
+            task: Task::Chat,
             train_data: String::new(),
             eval_data: None,
             eval_split: 0.0,
@@ -262,7 +199,7 @@ impl Default for TrainConfig {
             eval_max_windows: 0,
             eval_max_new_tokens: 64,
             packing: true,
-            chat_loss: ChatLossSetting::AllAssistant,
+            chat_loss: ChatLoss::AllAssistant,
             precision: Precision::F32,
             device: "auto".into(),
         }
@@ -352,15 +289,7 @@ impl TrainConfig {
             bail!("keep_checkpoints must be at least 1 (the last checkpoint is what a resume continues from)");
         }
         if let Some(l) = &self.lora {
-            crate::model::LoraConfig {
-                r: l.r,
-                alpha: l.alpha,
-                dropout: l.dropout,
-                target_modules: l.targets.clone(),
-                use_rslora: false,
-                seed: self.seed,
-            }
-            .validate()?;
+            l.validate()?;
         }
         if let Some(r) = &self.register_to {
             let parts: Vec<&str> = r.split('.').collect();
@@ -431,7 +360,7 @@ mod tests {
             "model = \"m\"\ntrain_data = \"d.jsonl\"\ntask = \"INSTRUCTION_FINETUNE\"\n[lora]\nr = 4\n",
         )
         .unwrap();
-        assert_eq!(cfg.task, TaskType::InstructionFinetune);
+        assert_eq!(cfg.task, Task::Instruction);
         assert_eq!(cfg.lora.as_ref().unwrap().r, 4);
         assert_eq!(cfg.lora.as_ref().unwrap().alpha, 16.0);
         let back = TrainConfig::from_toml(&cfg.to_toml().unwrap()).unwrap();
@@ -452,7 +381,7 @@ mod tests {
             (TrainConfig { batch_size: 0, ..base.clone() }, "batch_size"),
             (TrainConfig { training_duration: "forever".into(), ..base.clone() }, "training_duration"),
             (TrainConfig { register_to: Some("a/b".into()), ..base.clone() }, "register_to"),
-            (TrainConfig { lora: Some(LoraSection { r: 0, ..Default::default() }), ..base.clone() }, "rank"),
+            (TrainConfig { lora: Some(Lora { r: 0, ..Default::default() }), ..base.clone() }, "rank"),
             (TrainConfig { device: "tpu".into(), ..base.clone() }, "device"),
             (TrainConfig { model: "".into(), ..base.clone() }, "model"),
         ];

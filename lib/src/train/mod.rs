@@ -2,14 +2,16 @@
 //! worker process that runs them.
 //!
 //! ```no_run
-//! use tunebook::train::{FineTune, TaskType};
+//! use tunebook::model::Lora;
+//! use tunebook::data::Task;
+//! use tunebook::train::FineTune;
 //! let run = FineTune::new("HuggingFaceTB/SmolLM2-135M-Instruct")
-//!     .task(TaskType::ChatCompletion)
+//!     .task(Task::Chat)
 //!     .train_data("data/support.jsonl")
 //!     .register_to("main.support")
 //!     .training_duration("2ep")
 //!     .learning_rate(2e-4)
-//!     .lora(8, 16.0, 0.05, &["q_proj", "v_proj"])
+//!     .lora(Lora::rank(8).alpha(16.0).dropout(0.05).targets(&["q_proj", "v_proj"]))
 //!     .start()?;          // a worker process; survives a kernel restart
 //! run.wait()?;            // live progress bar and loss plot
 //! # anyhow::Ok(())
@@ -18,42 +20,21 @@
 pub mod cli;
 pub mod config;
 pub mod optim;
+pub mod publish;
 pub mod run;
 pub mod sample;
 pub mod trainer;
 
-pub use config::{ChatLossSetting, Duration, LoraSection, Precision, Schedule, TaskType, TrainConfig};
-pub use run::{Event, Progress, Run, RunFiles, RunSummary, Status, StatusFile};
+pub use config::{Duration, Precision, Schedule, TrainConfig};
+pub use crate::runs::{Event, EventKind, Progress, RunFiles, Status, StatusFile, resolve_run_dir, runs_root};
+pub use publish::sync;
+pub use run::{Run, RunSummary};
 pub use trainer::{EvalMetrics, TrainSummary, Trainer, TrainerState};
 
 use crate::data::Dataset;
+use crate::runs::{EventLog, TrackingFile};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
-
-/// Where runs live: `$TUNEBOOK_RUNS`, by default `~/.tunebook/runs`.
-pub fn runs_root() -> PathBuf {
-    if let Some(r) = std::env::var_os("TUNEBOOK_RUNS") {
-        return PathBuf::from(r);
-    }
-    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".tunebook").join("runs")
-}
-
-/// The directory of run `name_or_path`: an existing directory path, or a run name
-/// under [`runs_root`].
-pub fn resolve_run_dir(name_or_path: &str) -> Result<PathBuf> {
-    let p = Path::new(name_or_path);
-    if p.is_dir() {
-        return Ok(p.to_path_buf());
-    }
-    let d = runs_root().join(name_or_path);
-    if d.is_dir() {
-        return Ok(d);
-    }
-    bail!(
-        "no run named {name_or_path:?}: neither a directory nor a run under {} (list runs with `tunebook runs list`)",
-        runs_root().display()
-    )
-}
 
 /// Every run under [`runs_root`], newest first, as a table.
 pub fn runs() -> Result<crate::display::Table> {
@@ -61,11 +42,11 @@ pub fn runs() -> Result<crate::display::Table> {
 }
 
 /// The configuration as tracking parameters, without secrets (what
-/// [`crate::track::params::is_secret`] calls one, and user info inside URIs).
+/// [`crate::mlflow::params::is_secret`] calls one, and user info inside URIs).
 pub fn redacted_params(cfg: &TrainConfig) -> Vec<(String, String)> {
     cfg.flatten()
         .into_iter()
-        .filter(|(k, v)| !crate::track::params::is_secret(k, v))
+        .filter(|(k, v)| !crate::mlflow::params::is_secret(k, v))
         .map(|(k, v)| match url::Url::parse(&v) {
             Ok(mut u) if u.has_host() && (!u.username().is_empty() || u.password().is_some()) => {
                 let _ = u.set_username("");
@@ -209,14 +190,11 @@ impl FineTune {
         self
     }
 
-    /// Train LoRA adapters of rank `r` on `targets` (empty: every projection)
-    /// instead of every weight.
-    pub fn lora(mut self, r: usize, alpha: f64, dropout: f32, targets: &[&str]) -> Self {
-        let mut l = LoraSection { r, alpha, dropout, ..LoraSection::default() };
-        if !targets.is_empty() {
-            l.targets = targets.iter().map(|s| s.to_string()).collect();
-        }
-        self.cfg.lora = Some(l);
+    /// Train LoRA adapters instead of every weight, e.g.
+    /// `.lora(Lora::rank(8).alpha(16.0).dropout(0.05))` (every projection unless
+    /// `.targets(..)` says otherwise).
+    pub fn lora(mut self, lora: crate::model::Lora) -> Self {
+        self.cfg.lora = Some(lora);
         self
     }
 
@@ -240,7 +218,7 @@ impl FineTune {
 
     setters! {
         /// What to learn (default: chat completion).
-        task: TaskType => task;
+        task: crate::data::Task => task;
         /// `"2ep"`, `"1000000tok"` or `"200ba"`.
         training_duration: &str => training_duration;
         /// Run name (also its directory name).
@@ -276,7 +254,7 @@ impl FineTune {
         /// Pack several examples per window.
         packing: bool => packing;
         /// Which chat tokens count in the loss.
-        chat_loss: ChatLossSetting => chat_loss;
+        chat_loss: crate::data::ChatLoss => chat_loss;
         /// `f32`, or `bf16` on CUDA.
         precision: Precision => precision;
         /// `auto`, `cpu`, `cuda`, `cuda:N`.
@@ -296,7 +274,7 @@ impl FineTune {
         for (what, arg) in [("train_data", &self.train), ("eval_data", &self.eval)] {
             let ds = match arg {
                 Some(DataArg::Path(p)) => trainer::open_data(p, &cfg, what)?,
-                Some(DataArg::Dataset(d)) => d.as_ref().clone().task(cfg.task.data_task()),
+                Some(DataArg::Dataset(d)) => d.as_ref().clone().task(cfg.task),
                 None if what == "train_data" => bail!("train_data is not set: call .train_data(path or dataset)"),
                 None => continue,
             };
@@ -382,25 +360,24 @@ impl FineTune {
 pub fn create_run_dir(dir: &Path, cfg: &TrainConfig) -> Result<()> {
     let files = RunFiles::new(dir);
     std::fs::create_dir_all(files.checkpoints_dir())?;
-    crate::model::io::atomic_write(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-    let tracking = serde_json::json!({
-        "run_name": files.name(),
-        "experiment": cfg.experiment,
-        "tracking_uri": cfg.tracking_uri,
-        "register_to": cfg.register_to,
-        "params": redacted_params(cfg),
-        "tags": [["tunebook.version", crate::VERSION]],
-    });
-    crate::model::io::atomic_write(&dir.join("tracking.json"), serde_json::to_string_pretty(&tracking)?.as_bytes())?;
+    crate::files::write_atomic(&dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    files.write_tracking(&TrackingFile {
+        run_name: files.name(),
+        experiment: cfg.experiment.clone(),
+        tracking_uri: cfg.tracking_uri.clone(),
+        register_to: cfg.register_to.clone(),
+        params: redacted_params(cfg),
+        tags: vec![("tunebook.version".into(), crate::VERSION.into())],
+    })?;
     files.write_status(&StatusFile {
         status: Status::Pending,
         pid: None,
         message: None,
-        created_at: run::unix_now(),
+        created_at: crate::runs::unix_now(),
         started_at: None,
         ended_at: None,
     })?;
-    run::EventLog::open(&files)?.push("created", format!("run {} created", files.name()))?;
+    EventLog::open(&files)?.push(EventKind::Created, format!("run {} created", files.name()))?;
     Ok(())
 }
 
@@ -508,13 +485,13 @@ pub fn run_worker(dir: &Path) -> Result<Status> {
 /// Runs or resumes the run in `dir` in this process, keeping `status.json` true.
 pub fn run_in_process(dir: &Path, on_step: impl FnMut(&Progress)) -> Result<TrainSummary> {
     let files = RunFiles::new(dir);
-    let cfg = files.config()?;
+    let cfg = TrainConfig::from_toml_file(dir.join("config.toml"))?;
     let _ = std::fs::remove_file(dir.join("cancel"));
     let mut st = files.status()?;
     st.status = Status::Running;
     st.pid = Some(std::process::id());
     st.message = None;
-    st.started_at = Some(run::unix_now());
+    st.started_at = Some(crate::runs::unix_now());
     st.ended_at = None;
     files.write_status(&st)?;
     let result = (|| {
@@ -535,7 +512,7 @@ pub fn run_in_process(dir: &Path, on_step: impl FnMut(&Progress)) -> Result<Trai
         }
         Err(e) => {
             let msg = format!("{e:#}");
-            let _ = run::EventLog::open(&files).and_then(|mut l| l.push("failed", msg.clone()));
+            let _ = EventLog::open(&files).and_then(|mut l| l.push(EventKind::Failed, msg.clone()));
             files.set_status(Status::Failed, Some(msg))?;
         }
     }

@@ -1,250 +1,14 @@
-//! Runs on disk and the handle a notebook holds on one.
-//!
-//! A run directory (`~/.tunebook/runs/<name>/`) is the single source of truth:
-//!
-//! | file | written by | holds |
-//! |---|---|---|
-//! | `config.toml` | creator | the full [`TrainConfig`] |
-//! | `status.json` | creator, worker | [`Status`], pid, message, times |
-//! | `progress.json` | worker, every step | [`Progress`] |
-//! | `events.jsonl` | worker | one [`Event`] per line |
-//! | `metrics.wal` | worker | every metric ([`crate::track::wal`]) |
-//! | `worker.log` | worker | its stdout and stderr |
-//! | `checkpoints/step-NNNNNNNN/` | worker | weights or adapters, optimizer, state |
-//! | `model/` | worker, at the end | the trained model in Hugging Face layout |
-//! | `cancel` | `Run::cancel` | present: stop after the current step |
-//!
-//! Every JSON file is replaced atomically, so a reader never sees half of one.
+//! The handle a notebook holds on a fine-tuning run ([`Run`]), and the list of
+//! runs. The run directory and its files are [`crate::runs`]'.
 
 use super::config::TrainConfig;
 use crate::display::{Line, LinePlot, Render, Table, escape_html};
-use crate::model::io::atomic_write;
+use crate::files::write_atomic;
+use crate::track::metric_names;
+use crate::runs::{Event, Progress, RunFiles, Status, StatusFile, worker_alive};
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// Where a run stands (the product's status names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Status {
-    /// Created; the worker has not started yet.
-    Pending,
-    /// Training.
-    Running,
-    /// Trained to the end.
-    Completed,
-    /// Cancelled; a checkpoint was written first.
-    Stopped,
-    /// Stopped by an error (see the message), or the worker died.
-    Failed,
-}
-
-impl Status {
-    /// Whether the run can change no more (without a resume).
-    pub fn is_final(self) -> bool {
-        matches!(self, Status::Completed | Status::Stopped | Status::Failed)
-    }
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        f.write_str(&s)
-    }
-}
-
-/// `status.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct StatusFile {
-    /// The status.
-    pub status: Status,
-    /// Worker process id while it runs.
-    pub pid: Option<u32>,
-    /// What happened (errors say what to change).
-    pub message: Option<String>,
-    /// Unix seconds.
-    pub created_at: f64,
-    /// Unix seconds the worker last started.
-    pub started_at: Option<f64>,
-    /// Unix seconds it ended.
-    pub ended_at: Option<f64>,
-}
-
-/// The latest step of a run (`progress.json`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Progress {
-    /// Optimizer steps done.
-    pub step: usize,
-    /// Steps in all.
-    pub total_steps: usize,
-    /// Fractional epoch.
-    pub epoch: f64,
-    /// Training loss of the last step.
-    pub loss: f64,
-    /// Learning rate of the last step.
-    pub lr: f64,
-    /// Window tokens per second in the last step.
-    pub tokens_per_sec: f64,
-    /// Estimated seconds to the end.
-    pub eta_secs: f64,
-    /// Window tokens processed.
-    pub tokens_seen: u64,
-}
-
-/// One line of `events.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Event {
-    /// Unix seconds.
-    pub time: f64,
-    /// `created`, `started`, `resumed`, `eval`, `checkpoint`, `generations`, `cancelled`, `nan`, `warning`, `completed`, `failed`, `registered`.
-    pub kind: String,
-    /// What happened.
-    pub message: String,
-}
-
-pub(crate) fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-/// Paths inside a run directory.
-#[derive(Clone, Debug)]
-pub struct RunFiles {
-    dir: PathBuf,
-}
-
-impl RunFiles {
-    /// The files of the run in `dir`.
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        RunFiles { dir: dir.into() }
-    }
-    /// The run directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-    /// The run name (the directory name).
-    pub fn name(&self) -> String {
-        self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    }
-    /// `checkpoints/`.
-    pub fn checkpoints_dir(&self) -> PathBuf {
-        self.dir.join("checkpoints")
-    }
-    /// The directory of the checkpoint at `step`.
-    pub fn checkpoint_dir(&self, step: usize) -> PathBuf {
-        self.checkpoints_dir().join(format!("step-{step:08}"))
-    }
-    /// Complete checkpoints, oldest first.
-    pub fn checkpoints(&self) -> Result<Vec<(usize, PathBuf)>> {
-        let mut out = vec![];
-        let rd = match std::fs::read_dir(self.checkpoints_dir()) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.checkpoints_dir().display())),
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
-                if e.path().join("trainer_state.json").is_file() {
-                    out.push((n, e.path()));
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
-    /// The newest complete checkpoint.
-    pub fn latest_checkpoint(&self) -> Result<Option<PathBuf>> {
-        Ok(self.checkpoints()?.pop().map(|(_, p)| p))
-    }
-    /// Whether `Run::cancel` asked the worker to stop.
-    pub fn cancel_requested(&self) -> bool {
-        self.dir.join("cancel").exists()
-    }
-    /// Reads `config.toml`.
-    pub fn config(&self) -> Result<TrainConfig> {
-        TrainConfig::from_toml_file(self.dir.join("config.toml"))
-    }
-    /// Reads `status.json`.
-    pub fn status(&self) -> Result<StatusFile> {
-        let p = self.dir.join("status.json");
-        let text = std::fs::read_to_string(&p).with_context(|| format!("{} is not a run directory (no status.json)", self.dir.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
-    }
-    /// Replaces `status.json`.
-    pub fn write_status(&self, s: &StatusFile) -> Result<()> {
-        atomic_write(&self.dir.join("status.json"), serde_json::to_string_pretty(s)?.as_bytes())
-    }
-    /// Updates the status, keeping the rest.
-    pub fn set_status(&self, status: Status, message: Option<String>) -> Result<()> {
-        let mut s = self.status()?;
-        s.status = status;
-        if message.is_some() {
-            s.message = message;
-        }
-        if status.is_final() {
-            s.ended_at = Some(unix_now());
-            s.pid = None;
-        }
-        self.write_status(&s)
-    }
-    /// Reads `progress.json` (None before the first step).
-    pub fn progress(&self) -> Option<Progress> {
-        std::fs::read_to_string(self.dir.join("progress.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
-    }
-    /// Replaces `progress.json`.
-    pub fn write_progress(&self, p: &Progress) -> Result<()> {
-        atomic_write(&self.dir.join("progress.json"), serde_json::to_vec(p)?.as_slice())
-    }
-    /// Every event so far.
-    pub fn events(&self) -> Vec<Event> {
-        std::fs::read_to_string(self.dir.join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
-/// The append side of `events.jsonl`.
-pub struct EventLog {
-    file: std::fs::File,
-}
-
-impl EventLog {
-    /// Opens the run's event log for appending.
-    pub fn open(files: &RunFiles) -> Result<Self> {
-        let p = files.dir().join("events.jsonl");
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&p).with_context(|| format!("opening {}", p.display()))?;
-        Ok(EventLog { file })
-    }
-    /// Appends an event (one write, so lines never interleave).
-    pub fn push(&mut self, kind: &str, message: impl Into<String>) -> Result<()> {
-        use std::io::Write;
-        let e = Event { time: unix_now(), kind: kind.into(), message: message.into() };
-        let mut line = serde_json::to_string(&e)?;
-        line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        Ok(())
-    }
-}
-
-/// Whether process `pid` is alive and is a tunebook worker.
-fn worker_alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(pid as i32, 0) } == 0;
-    if !exists {
-        return false;
-    }
-    match std::fs::read(format!("/proc/{pid}/stat")) {
-        // A zombie (state Z) has exited.
-        Ok(stat) => {
-            let s = String::from_utf8_lossy(&stat);
-            !s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        }
-        Err(_) => true,
-    }
-}
 
 /// A handle on a fine-tuning run, in this process or in a worker. Cheap to
 /// create; every call reads the run directory afresh, so a handle taken after a
@@ -262,9 +26,9 @@ impl Run {
         Ok(Run { files })
     }
 
-    /// The run called `name` (under [`super::runs_root`]) or at path `name`.
+    /// The run called `name` (under [`crate::runs::runs_root`]) or at path `name`.
     pub fn attach(name: &str) -> Result<Self> {
-        Self::open(super::resolve_run_dir(name)?)
+        Self::open(crate::runs::resolve_run_dir(name)?)
     }
 
     /// The run name.
@@ -279,7 +43,7 @@ impl Run {
 
     /// The run's configuration.
     pub fn config(&self) -> Result<TrainConfig> {
-        self.files.config()
+        TrainConfig::from_toml_file(self.dir().join("config.toml"))
     }
 
     /// Current status. A run whose worker died without saying so (killed, out
@@ -331,7 +95,20 @@ impl Run {
 
     /// The registered model version (`name/version`), once the run registered one.
     pub fn registered_model(&self) -> Option<String> {
-        self.events().into_iter().rev().find(|e| e.kind == "registered").and_then(|e| e.message.strip_prefix("registered as ").map(str::to_string))
+        crate::track::MlflowState::load(self.dir()).ok().flatten().and_then(|s| s.registered)
+    }
+
+    /// The trained model, loaded and ready to chat (an adapter goes on its base).
+    /// An error until the run has completed.
+    pub fn model(&self) -> Result<crate::model::Model> {
+        let Some(dir) = self.model_dir() else {
+            bail!(
+                "run {} has no trained model yet (status {}): wait for it with `run.wait()`",
+                self.name(),
+                self.status().map(|s| s.to_string()).unwrap_or_else(|_| "unknown".into())
+            )
+        };
+        crate::model::Model::load(&dir.to_string_lossy()).with_context(|| format!("loading the model of run {}", self.name()))
     }
 
     /// The trained model directory, once completed.
@@ -366,8 +143,8 @@ impl Run {
         let pts = |k: &str| -> Vec<(f64, f64)> {
             recs.iter().filter(|r| r.key == k && r.value.is_finite()).map(|r| (r.step as f64, r.value)).collect()
         };
-        let mut p = LinePlot::new(format!("{}: loss", self.name())).labels("step", "loss").line(Line::new("train", pts("loss/train/total")));
-        let eval = pts("metrics/eval/LanguageCrossEntropy");
+        let mut p = LinePlot::new(format!("{}: loss", self.name())).labels("step", "loss").line(Line::new("train", pts(metric_names::TRAIN_LOSS)));
+        let eval = pts(metric_names::EVAL_LOSS);
         if !eval.is_empty() {
             p = p.line(Line::new("eval", eval));
         }
@@ -377,7 +154,7 @@ impl Run {
     /// Asks the worker to checkpoint and stop after the current step, and waits
     /// up to `timeout` for it. Returns the status reached.
     pub fn cancel_and_wait(&self, timeout: Duration) -> Result<Status> {
-        atomic_write(&self.dir().join("cancel"), b"")?;
+        write_atomic(&self.dir().join("cancel"), b"")?;
         let s = self.status_file()?;
         if let Some(pid) = s.pid {
             // SAFETY: sends SIGTERM to the worker's pid recorded in status.json.
@@ -513,9 +290,9 @@ pub struct RunSummary {
     pub created_at: f64,
 }
 
-/// Every run under [`super::runs_root`], newest first.
+/// Every run under [`crate::runs::runs_root`], newest first.
 pub fn list() -> Result<Vec<RunSummary>> {
-    list_in(&super::runs_root())
+    list_in(&crate::runs::runs_root())
 }
 
 /// Every run under `root`, newest first.

@@ -94,8 +94,8 @@ pub fn write(dir: impl AsRef<Path>, train: usize, eval: usize) -> Result<()> {
         }
         Ok(s)
     };
-    crate::model::io::atomic_write(&dir.join("dates-train.jsonl"), rows(0..train as u64)?.as_bytes())?;
-    crate::model::io::atomic_write(&dir.join("dates-eval.jsonl"), rows(1_000_000..1_000_000 + eval as u64)?.as_bytes())?;
+    crate::files::write_atomic(&dir.join("dates-train.jsonl"), rows(0..train as u64)?.as_bytes())?;
+    crate::files::write_atomic(&dir.join("dates-eval.jsonl"), rows(1_000_000..1_000_000 + eval as u64)?.as_bytes())?;
     Ok(())
 }
 

@@ -7,21 +7,19 @@
 //! a resumed run equal those of an uninterrupted one. A checkpoint therefore
 //! only needs the weights, the optimizer moments and the step.
 
-use super::config::{ChatLossSetting, Duration, Precision, TrainConfig};
+use super::config::{Duration, Precision, TrainConfig};
 use super::optim::{AdamW, AdamWConfig, learning_rate};
-use super::run::{EventLog, Progress, RunFiles, Status};
-use crate::data::{ChatLoss, Dataset, PackOptions, PrepareOptions, Window};
-use crate::model::{
-    GenerationConfig, LlamaModel, LoraConfig, Model, ModelSource, Packing, TextTokenizer, ops, resolve_model,
-};
+use crate::files::{IfExists, StagedDir};
+use crate::runs::{EventKind, EventLog, Progress, RunFiles, Status};
+use crate::data::{Dataset, PackOptions, PrepareOptions, Window};
+use crate::model::{GenerationConfig, LlamaModel, Lora, Model, Packing, ops, resolve_model};
 use crate::tokenize::{Message, Tokenizer};
-use crate::track::{MetricRecord, MetricWal, RunContext, RunOutcome, Tracker};
+use crate::track::{MetricRecord, MetricWal, RunContext, RunOutcome, Tracker, metric_names};
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{DType, Device, Tensor};
 use crate::model::ops::profile;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -38,6 +36,69 @@ pub struct TrainerState {
     pub loss: f64,
     /// The run's configuration digest (a resume refuses a different configuration).
     pub config_digest: String,
+}
+
+/// `trainer_state.json` of a checkpoint: the trainer state plus what follows from
+/// it (data position, learning-rate schedule, dropout seed), written out so a
+/// reader need not recompute them. Writer and reader share this type.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointState {
+    /// Steps, tokens, last loss and the configuration digest.
+    pub state: TrainerState,
+    /// Where in the data the next step starts.
+    pub data_position: DataPosition,
+    /// The learning-rate schedule at the next step.
+    pub scheduler: SchedulerState,
+    /// The generators' seeds.
+    pub rng: RngState,
+}
+
+/// Where in the data a checkpoint's next step starts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DataPosition {
+    /// The epoch of the next step.
+    pub epoch: usize,
+    /// The next step's index within its epoch.
+    pub step_in_epoch: usize,
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: usize,
+}
+
+/// The learning-rate schedule at a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SchedulerState {
+    /// The schedule.
+    pub schedule: super::config::Schedule,
+    /// The learning rate of the next step.
+    pub next_lr: f64,
+    /// Warm-up steps.
+    pub warmup_steps: usize,
+    /// Steps in all.
+    pub total_steps: usize,
+}
+
+/// The generators' seeds at a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RngState {
+    /// The run's seed.
+    pub seed: u64,
+    /// The dropout generator's seed for the next step.
+    pub next_dropout_seed: u64,
+}
+
+impl CheckpointState {
+    /// The file name inside a checkpoint directory.
+    pub const FILE: &'static str = "trainer_state.json";
+
+    /// Reads `trainer_state.json` of the checkpoint in `dir`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        read_json(&dir.join(Self::FILE))
+    }
+
+    /// Writes it into the checkpoint directory `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        crate::files::write_atomic(&dir.join(Self::FILE), serde_json::to_string_pretty(self)?.as_bytes())
+    }
 }
 
 /// The outcome of [`Trainer::run`].
@@ -83,8 +144,8 @@ pub struct Trainer {
     cfg: TrainConfig,
     files: RunFiles,
     model: LlamaModel,
-    lora: Option<LoraConfig>,
-    tokenizer: Arc<dyn TextTokenizer>,
+    lora: Option<Lora>,
+    tokenizer: Tokenizer,
     base_name: String,
     opt: AdamW,
     train: Vec<Window>,
@@ -103,14 +164,6 @@ pub struct Trainer {
     masters: Option<Vec<(String, candle_core::Var)>>,
 }
 
-fn chat_loss(s: ChatLossSetting) -> ChatLoss {
-    match s {
-        ChatLossSetting::AllAssistant => ChatLoss::AllAssistant,
-        ChatLossSetting::LastAssistant => ChatLoss::LastAssistant,
-        ChatLossSetting::AllTokens => ChatLoss::AllTokens,
-    }
-}
-
 /// The compute device a configuration asks for.
 pub fn select_device(name: &str) -> Result<Device> {
     Ok(match name {
@@ -127,55 +180,43 @@ pub fn select_device(name: &str) -> Result<Device> {
 /// Opens a data source for a task (`Dataset::open` plus the task).
 pub(crate) fn open_data(source: &str, cfg: &TrainConfig, what: &str) -> Result<Dataset> {
     let ds = Dataset::open(source).with_context(|| format!("{what} {source:?}"))?;
-    Ok(ds.task(cfg.task.data_task()))
+    Ok(ds.task(cfg.task))
 }
 
-impl Trainer {
-    /// Loads the model and data of `cfg` into the run directory `run_dir`,
-    /// validating everything first, and resumes from the newest checkpoint there
-    /// if one exists.
-    pub fn new(cfg: TrainConfig, run_dir: &Path, tracker: Box<dyn Tracker>) -> Result<Self> {
-        cfg.validate()?;
-        let files = RunFiles::new(run_dir);
-        std::fs::create_dir_all(files.checkpoints_dir())
-            .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
-        let mut events = EventLog::open(&files)?;
-        let device = select_device(&cfg.device)?;
+/// The run's data sets, opened and checked, before tokenization.
+struct TrainData {
+    train: Dataset,
+    eval: Option<Dataset>,
+}
 
-        // Data first: it is the most common thing to get wrong, and cheap to check.
-        let source = resolve_model(&cfg.model)?;
-        let tok_path = match &source {
-            ModelSource::HfDir(d) => d.clone(),
-            ModelSource::Gguf(p) => p.clone(),
-        };
-        let data_tok = Tokenizer::load(&tok_path).with_context(|| format!("loading the tokenizer of {}", cfg.model))?;
-        let train_ds = open_data(&cfg.train_data, &cfg, "train_data")?;
-        train_ds.validate_strict().with_context(|| format!("train_data {:?} has invalid rows; fix them or filter them out", cfg.train_data))?;
-        let (train_ds, eval_ds) = match (&cfg.eval_data, cfg.eval_split) {
+impl TrainData {
+    /// Opens `train_data` (and `eval_data`, or the `eval_split` of the training
+    /// data) and checks every row; an invalid row is an error naming it.
+    fn open(cfg: &TrainConfig) -> Result<Self> {
+        let train = open_data(&cfg.train_data, cfg, "train_data")?;
+        train.validate_strict().with_context(|| format!("train_data {:?} has invalid rows; fix them or filter them out", cfg.train_data))?;
+        Ok(match (&cfg.eval_data, cfg.eval_split) {
             (Some(e), _) => {
-                let ds = open_data(e, &cfg, "eval_data")?;
+                let ds = open_data(e, cfg, "eval_data")?;
                 ds.validate_strict().with_context(|| format!("eval_data {e:?} has invalid rows"))?;
-                (train_ds, Some(ds))
+                TrainData { train, eval: Some(ds) }
             }
             (None, s) if s > 0.0 => {
-                let (train, eval) = train_ds.split(s, cfg.seed);
-                (train, Some(eval))
+                let (train, eval) = train.split(s, cfg.seed);
+                TrainData { train, eval: Some(eval) }
             }
-            _ => (train_ds, None),
-        };
-        let popts = PrepareOptions::default().chat_loss(chat_loss(cfg.chat_loss));
+            _ => TrainData { train, eval: None },
+        })
+    }
 
-        // The model.
-        let mut model = Model::load_on(&cfg.model, &device, DType::F32)?;
-        let max_ctx = model.llama.config.max_position_embeddings;
-        let context_length = cfg.context_length.unwrap_or(max_ctx.min(2048));
-        if context_length > max_ctx {
-            bail!("context_length {context_length} exceeds the model's maximum of {max_ctx} tokens");
-        }
-        let tokenizer = model.tokenizer.clone().context("the model has no tokenizer: the run needs one to read its data")?;
+    /// Tokenizes and packs both sets into windows of `context_length` tokens
+    /// (training windows shuffled, those without a target dropped) and writes
+    /// `data_report.json`.
+    fn pack(&self, cfg: &TrainConfig, tokenizer: &Tokenizer, context_length: usize, files: &RunFiles) -> Result<(Vec<Window>, Vec<Window>)> {
+        let popts = PrepareOptions::default().chat_loss(cfg.chat_loss);
         let mut report = serde_json::Map::new();
         let mut pack = |ds: &Dataset, shuffle: bool, what: &str| -> Result<Vec<Window>> {
-            let t = ds.tokenize(&data_tok, &popts)?;
+            let t = ds.tokenize(tokenizer, &popts)?;
             let mut o = PackOptions::new(context_length).packing(cfg.packing);
             if shuffle {
                 o = o.shuffle(cfg.seed);
@@ -192,12 +233,11 @@ impl Trainer {
             );
             Ok(p.windows)
         };
-        let train = pack(&train_ds, true, "train")?;
-        let train: Vec<Window> = train.into_iter().filter(|w| w.labels().iter().any(|&l| l >= 0)).collect();
+        let train: Vec<Window> = pack(&self.train, true, "train")?.into_iter().filter(|w| w.labels().iter().any(|&l| l >= 0)).collect();
         if train.is_empty() {
             bail!("train_data {:?} gives no token to learn from (every example is empty or has no target tokens)", cfg.train_data);
         }
-        let eval = match &eval_ds {
+        let eval = match &self.eval {
             Some(ds) => {
                 let mut w = pack(ds, false, "eval")?;
                 if cfg.eval_max_windows > 0 {
@@ -207,117 +247,154 @@ impl Trainer {
             }
             None => vec![],
         };
-
-        crate::model::io::atomic_write(
+        crate::files::write_atomic(
             &files.dir().join("data_report.json"),
             serde_json::to_string_pretty(&serde_json::Value::Object(report))?.as_bytes(),
         )?;
-        let lora = cfg.lora.as_ref().map(|l| LoraConfig {
-            r: l.r,
-            alpha: l.alpha,
-            dropout: l.dropout,
-            target_modules: l.targets.clone(),
-            use_rslora: false,
-            seed: cfg.seed,
-        });
+        Ok((train, eval))
+    }
+}
+
+/// The newest checkpoint of a run, read through its typed state.
+struct ResumePoint {
+    dir: PathBuf,
+    state: TrainerState,
+}
+
+impl ResumePoint {
+    /// The newest checkpoint, if any; an error when it was written with a
+    /// different configuration.
+    fn find(files: &RunFiles, cfg: &TrainConfig) -> Result<Option<Self>> {
+        let Some(dir) = files.latest_checkpoint()? else { return Ok(None) };
+        let state = CheckpointState::read(&dir)?.state;
+        if state.config_digest != config_digest(cfg) {
+            bail!("{} was written with a different configuration; start a new run (or restore the run's config.toml)", dir.display());
+        }
+        Ok(Some(ResumePoint { dir, state }))
+    }
+}
+
+/// Makes the trainable parameters: LoRA adapters (new, or a checkpoint's), or
+/// every weight (the base model's, or a checkpoint's) for full fine-tuning.
+fn attach_trainables(mut llama: LlamaModel, lora: Option<&Lora>, resume: Option<&ResumePoint>, device: &Device) -> Result<LlamaModel> {
+    match (lora, resume) {
+        (Some(_), Some(r)) => {
+            llama.load_lora(&r.dir).with_context(|| format!("loading the adapters of {}", r.dir.display()))?;
+        }
+        (Some(l), None) => {
+            if !llama.has_lora() {
+                llama.add_lora(l)?;
+            }
+        }
+        (None, Some(r)) => {
+            llama = LlamaModel::from_hf_dir(&r.dir, device, DType::F32).with_context(|| format!("loading the weights of {}", r.dir.display()))?;
+            llama.unfreeze_all()?;
+        }
+        (None, None) => llama.unfreeze_all()?,
+    }
+    Ok(llama)
+}
+
+/// AdamW over the trainable parameters (their f32 masters under bf16 full
+/// fine-tuning, returned as the third value), with a checkpoint's moments when
+/// resuming. Under bf16 LoRA the frozen base weights become bf16.
+#[allow(clippy::type_complexity)]
+fn build_optimizer(
+    mut llama: LlamaModel,
+    cfg: &TrainConfig,
+    lora: bool,
+    resume: Option<&ResumePoint>,
+    device: &Device,
+) -> Result<(LlamaModel, AdamW, Option<Vec<(String, candle_core::Var)>>)> {
+    let vars = llama.trainable_vars()?;
+    if vars.is_empty() {
+        bail!("nothing to train: the model has no trainable parameter");
+    }
+    let masters = match (cfg.precision, lora) {
+        (Precision::F32, _) => None,
+        (Precision::Bf16, true) => {
+            // The adapters are f32 already.
+            llama.visit_tensors_mut(|_, t| {
+                *t = t.to_dtype(DType::BF16)?;
+                Ok(())
+            })?;
+            None
+        }
+        (Precision::Bf16, false) => Some(vars.clone()),
+    };
+    let mut opt = AdamW::new(
+        masters.clone().unwrap_or(vars),
+        AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
+    )?;
+    if let Some(r) = resume {
+        let p = r.dir.join("optimizer.safetensors");
+        let t = candle_core::safetensors::load(&p, device).with_context(|| format!("reading {}", p.display()))?;
+        opt.load_state(t.into_iter().collect(), r.state.step as u64)?;
+    }
+    Ok((llama, opt, masters))
+}
+
+impl Trainer {
+    /// Loads the model and data of `cfg` into the run directory `run_dir`,
+    /// validating everything first, and resumes from the newest checkpoint there
+    /// if one exists. The parts, in order: the tokenizer and the data sets (the
+    /// most common thing to get wrong, and cheap to check), the model, the packed
+    /// windows, the resume point, the adapters, the optimizer.
+    pub fn new(cfg: TrainConfig, run_dir: &Path, tracker: Box<dyn Tracker>) -> Result<Self> {
+        cfg.validate()?;
+        let files = RunFiles::new(run_dir);
+        std::fs::create_dir_all(files.checkpoints_dir())
+            .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+        let mut events = EventLog::open(&files)?;
+        let device = select_device(&cfg.device)?;
+
+        let source = resolve_model(&cfg.model)?;
+        let tokenizer = Tokenizer::load(source.path()).with_context(|| format!("loading the tokenizer of {}", cfg.model))?;
+        let data = TrainData::open(&cfg)?;
+
+        let mut model = Model::load_on(&cfg.model, &device, DType::F32)?;
+        model.tokenizer = Some(tokenizer.clone());
+        let max_ctx = model.llama.config.max_position_embeddings;
+        let context_length = cfg.context_length.unwrap_or(max_ctx.min(2048));
+        if context_length > max_ctx {
+            bail!("context_length {context_length} exceeds the model's maximum of {max_ctx} tokens");
+        }
+        let (train, eval) = data.pack(&cfg, &tokenizer, context_length, &files)?;
+
+        let lora = cfg.lora.clone().map(|l| l.seed(cfg.seed));
         if let Some(w) = &cfg.custom_weights_path {
             load_custom_weights(&mut model.llama, Path::new(w), lora.is_some())?;
         }
-        let mut llama = model.llama;
-
-        let micro = cfg.batch_size;
-        let per_step = micro * cfg.grad_accum;
+        let per_step = cfg.batch_size * cfg.grad_accum;
         let steps_per_epoch = train.len().div_ceil(per_step);
-        let tokens_per_step = per_step * context_length;
         let duration = cfg.duration()?;
-        let total_steps = duration.total_steps(steps_per_epoch, tokens_per_step);
-        if let Duration::Epochs(_) = duration {
-        } else if total_steps == 0 {
+        let total_steps = duration.total_steps(steps_per_epoch, per_step * context_length);
+        if !matches!(duration, Duration::Epochs(_)) && total_steps == 0 {
             bail!("training_duration {:?} gives no step", cfg.training_duration);
         }
         let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total_steps as f64).round() as usize);
 
-        // Resume from the newest checkpoint, if any.
-        let digest = config_digest(&cfg);
-        let latest = files.latest_checkpoint()?;
-        let mut state = TrainerState { step: 0, total_steps, tokens_seen: 0, loss: f64::NAN, config_digest: digest.clone() };
-        let resumed_from = latest.clone();
-        if let Some(ck) = &latest {
-            let v: serde_json::Value = read_json(&ck.join("trainer_state.json"))?;
-            let st: TrainerState = serde_json::from_value(v["state"].clone())
-                .with_context(|| format!("{}/trainer_state.json lacks the trainer state", ck.display()))?;
-            if st.config_digest != digest {
-                bail!(
-                    "{} was written with a different configuration; start a new run (or restore the run's config.toml)",
-                    ck.display()
-                );
-            }
-            match &lora {
-                Some(_) => {
-                    llama.load_lora(ck).with_context(|| format!("loading the adapters of {}", ck.display()))?;
-                }
-                None => {
-                    let w = LlamaModel::from_hf_dir(ck, &device, DType::F32)
-                        .with_context(|| format!("loading the weights of {}", ck.display()))?;
-                    llama = w;
-                    llama.unfreeze_all()?;
-                }
-            }
-            state = st;
-        } else {
-            match &lora {
-                Some(l) => {
-                    if !llama.has_lora() {
-                        llama.add_lora(l)?;
-                    }
-                }
-                None => llama.unfreeze_all()?,
-            }
-        }
-        let vars = llama.trainable_vars()?;
-        if vars.is_empty() {
-            bail!("nothing to train: the model has no trainable parameter");
-        }
-        // bf16: the model computes in bf16; everything the optimizer updates stays f32.
-        let masters = match (cfg.precision, &lora) {
-            (Precision::F32, _) => None,
-            (Precision::Bf16, Some(_)) => {
-                // Frozen base weights become bf16; the adapters are f32 already.
-                llama.visit_tensors_mut(|_, t| {
-                    *t = t.to_dtype(DType::BF16)?;
-                    Ok(())
-                })?;
-                None
-            }
-            (Precision::Bf16, None) => Some(vars.clone()),
+        let resume = ResumePoint::find(&files, &cfg)?;
+        let state = match &resume {
+            Some(r) => r.state.clone(),
+            None => TrainerState { step: 0, total_steps, tokens_seen: 0, loss: f64::NAN, config_digest: config_digest(&cfg) },
         };
-        let mut opt = AdamW::new(
-            match &masters {
-                Some(m) => m.clone(),
-                None => vars,
-            },
-            AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
-        )?;
-        if let Some(ck) = &latest {
-            let p = ck.join("optimizer.safetensors");
-            let t = candle_core::safetensors::load(&p, &device).with_context(|| format!("reading {}", p.display()))?;
-            opt.load_state(t.into_iter().collect(), state.step as u64)?;
-        }
+        let llama = attach_trainables(model.llama, lora.as_ref(), resume.as_ref(), &device)?;
+        let (llama, opt, masters) = build_optimizer(llama, &cfg, lora.is_some(), resume.as_ref(), &device)?;
         let wal = MetricWal::open(run_dir)?;
-        match &resumed_from {
-            Some(ck) => events.push("resumed", format!("resumed from {} (step {})", ck.display(), state.step))?,
+        match &resume {
+            Some(r) => events.push(EventKind::Resumed, format!("resumed from {} (step {})", r.dir.display(), state.step))?,
             None => events.push(
-                "started",
+                EventKind::Started,
                 format!(
-                    "{} windows of {context_length} tokens ({} per step, {steps_per_epoch} steps per epoch), {total_steps} steps, {} trainable values",
+                    "{} windows of {context_length} tokens ({per_step} per step, {steps_per_epoch} steps per epoch), {total_steps} steps, {} trainable values",
                     train.len(),
-                    per_step,
                     opt.num_values()
                 ),
             )?,
         }
         if cfg.precision == Precision::Bf16 {
-            events.push("precision", "bf16 compute with f32 master weights")?;
+            events.push(EventKind::Precision, "bf16 compute with f32 master weights")?;
         }
         let base_name = cfg.model.clone();
         let mut trainer = Trainer {
@@ -396,7 +473,7 @@ impl Trainer {
 
     fn tracker_call(&mut self, what: &str, r: Result<()>) {
         if let Err(e) = r {
-            let _ = self.events.push("warning", format!("tracking: {what} failed: {e:#} (the run goes on; `tunebook runs sync` can ship it later)"));
+            let _ = self.events.push(EventKind::Warning, format!("tracking: {what} failed: {e:#} (the run goes on; `tunebook runs sync` can ship it later)"));
         }
     }
 
@@ -418,7 +495,7 @@ impl Trainer {
         let r = self.tracker.start(&ctx);
         self.tracker_call("start", r);
         if let Some(line) = self.tracker.summary() {
-            self.events.push("tracking", line)?;
+            self.events.push(EventKind::Tracking, line)?;
         }
         let result = self.train_loop(&mut on_step);
         let (outcome, status) = match &result {
@@ -428,28 +505,8 @@ impl Trainer {
         let _ = self.wal.sync();
         let mut result = result;
         if let Ok(summary) = &mut result {
-            if status == Status::Completed {
-                if let Ok(Some(svg)) = super::Run::open(self.files.dir()).and_then(|r| r.plot()).map(|p| crate::display::Render::svg(&p)) {
-                    let _ = crate::model::io::atomic_write(&self.files.dir().join("loss.svg"), svg.as_bytes());
-                }
-                for (file, dest) in [("config.toml", ""), ("data_report.json", ""), ("eval_generations.jsonl", "eval"), ("loss.svg", "plots")] {
-                    let p = self.files.dir().join(file);
-                    if p.is_file() {
-                        let r = self.tracker.log_artifact(&p, dest);
-                        self.tracker_call("artifact upload", r);
-                    }
-                }
-                if let Some(dir) = &summary.model_dir {
-                    match self.tracker.log_model(dir, self.cfg.register_to.as_deref()) {
-                        Ok(reg) => {
-                            if let Some(r) = &reg {
-                                self.events.push("registered", format!("registered as {r}"))?;
-                            }
-                            summary.registered = reg;
-                        }
-                        Err(e) => self.tracker_call("model logging", Err(e)),
-                    }
-                }
+            if let (Status::Completed, Some(dir)) = (status, summary.model_dir.clone()) {
+                summary.registered = super::publish::publish_run(&self.files, &self.cfg, self.tracker.as_mut(), &mut self.events, &dir);
             }
         }
         let r = self.tracker.finish(outcome);
@@ -466,7 +523,7 @@ impl Trainer {
         while self.state.step < self.total_steps {
             if CANCEL.load(Ordering::SeqCst) || self.files.cancel_requested() || crate::interrupt::requested() {
                 self.checkpoint()?;
-                self.events.push("cancelled", format!("stopped at step {} on request; checkpoint written", self.state.step))?;
+                self.events.push(EventKind::Cancelled, format!("stopped at step {} on request; checkpoint written", self.state.step))?;
                 return Ok(TrainSummary {
                     steps: self.state.step,
                     losses,
@@ -487,10 +544,10 @@ impl Trainer {
             let tps = tokens as f64 / secs.max(1e-9);
             let s = self.state.step as i64;
             self.log(&[
-                MetricRecord::now("loss/train/total", loss, s),
-                MetricRecord::now("lr", lr, s),
-                MetricRecord::now("grad_norm", grad_norm, s),
-                MetricRecord::now("throughput/tokens_per_sec", tps, s),
+                MetricRecord::now(metric_names::TRAIN_LOSS, loss, s),
+                MetricRecord::now(metric_names::LEARNING_RATE, lr, s),
+                MetricRecord::now(metric_names::GRAD_NORM, grad_norm, s),
+                MetricRecord::now(metric_names::TOKENS_PER_SEC, tps, s),
             ])?;
             losses.push((self.state.step, loss));
             let done_here = self.state.step - first_step;
@@ -511,12 +568,12 @@ impl Trainer {
             if !self.eval.is_empty() && ((self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0) || last) {
                 let m = self.evaluate()?;
                 self.log(&[
-                    MetricRecord::now("metrics/eval/LanguageCrossEntropy", m.cross_entropy, s),
-                    MetricRecord::now("metrics/eval/LanguagePerplexity", m.perplexity, s),
-                    MetricRecord::now("metrics/eval/TokenAccuracy", m.token_accuracy, s),
+                    MetricRecord::now(metric_names::EVAL_LOSS, m.cross_entropy, s),
+                    MetricRecord::now(metric_names::EVAL_PERPLEXITY, m.perplexity, s),
+                    MetricRecord::now(metric_names::EVAL_TOKEN_ACCURACY, m.token_accuracy, s),
                 ])?;
                 self.events.push(
-                    "eval",
+                    EventKind::Eval,
                     format!(
                         "step {}: eval cross-entropy {:.4}, perplexity {:.3}, token accuracy {:.3} ({} tokens)",
                         self.state.step, m.cross_entropy, m.perplexity, m.token_accuracy, m.tokens
@@ -534,7 +591,7 @@ impl Trainer {
         self.upload_checkpoint(&dir);
         self.eval_prompts()?;
         let model_dir = self.save_model()?;
-        self.events.push("completed", format!("trained {} steps; model in {}", self.state.step, model_dir.display()))?;
+        self.events.push(EventKind::Completed, format!("trained {} steps; model in {}", self.state.step, model_dir.display()))?;
         Ok(TrainSummary { steps: self.state.step, losses, eval: last_eval, model_dir: Some(model_dir), registered: None, status: Status::Completed })
     }
 
@@ -612,8 +669,8 @@ impl Trainer {
             step + 1,
             self.cfg.peak_lr()
         );
-        self.events.push("nan", msg.clone())?;
-        let _ = self.wal.append(&[MetricRecord::now("loss/train/total", value, step as i64 + 1)]);
+        self.events.push(EventKind::Nan, msg.clone())?;
+        let _ = self.wal.append(&[MetricRecord::now(metric_names::TRAIN_LOSS, value, step as i64 + 1)]);
         bail!(msg)
     }
 
@@ -666,7 +723,7 @@ impl Trainer {
         let mut lines = String::new();
         for p in self.cfg.eval_prompts.clone() {
             let out = match self.cfg.task {
-                super::config::TaskType::ChatCompletion => m.chat_with(&[Message::user(p.clone())], &g, |_| {})?,
+                crate::data::Task::Chat => m.chat_with(&[Message::user(p.clone())], &g, |_| {})?,
                 _ => m.generate_with(&p, &g, |_| {})?,
             };
             lines.push_str(&serde_json::to_string(&serde_json::json!({"step": self.state.step, "prompt": p, "response": out.text}))?);
@@ -676,7 +733,7 @@ impl Trainer {
         let path = self.files.dir().join("eval_generations.jsonl");
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         f.write_all(lines.as_bytes())?;
-        self.events.push("generations", format!("step {}: {} eval prompts answered (eval_generations.jsonl)", self.state.step, self.cfg.eval_prompts.len()))?;
+        self.events.push(EventKind::Generations, format!("step {}: {} eval prompts answered (eval_generations.jsonl)", self.state.step, self.cfg.eval_prompts.len()))?;
         Ok(())
     }
 
@@ -687,27 +744,32 @@ impl Trainer {
         if dir.is_dir() {
             return Ok(dir);
         }
-        let tmp = tempfile::Builder::new().prefix(".tmp-ckpt-").tempdir_in(self.files.checkpoints_dir())?;
-        self.save_weights(tmp.path())?;
-        crate::model::write_safetensors_data(&tmp.path().join("optimizer.safetensors"), self.opt.state_data())?;
+        let stage = StagedDir::new(&dir)?;
+        self.save_weights(stage.path())?;
+        crate::model::write_safetensors_data(&stage.path().join("optimizer.safetensors"), self.opt.state_data())?;
         // Everything a resume needs is a function of the step and the config; the
         // derived positions are written out so a reader need not recompute them.
         let step = self.state.step;
-        let state = serde_json::json!({
-            "state": self.state,
-            "data_position": {"epoch": step / self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch},
-            "scheduler": {"schedule": self.cfg.schedule, "next_lr": learning_rate(self.cfg.schedule, self.cfg.peak_lr(), step, self.total_steps, self.warmup, self.cfg.min_lr_ratio), "warmup_steps": self.warmup, "total_steps": self.total_steps},
-            "rng": {"seed": self.cfg.seed, "next_dropout_seed": dropout_seed(self.cfg.seed, step)},
-        });
-        crate::model::io::atomic_write(&tmp.path().join("trainer_state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
-        crate::model::io::atomic_write(&tmp.path().join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
-        let tmp = tmp.keep();
-        std::fs::rename(&tmp, &dir).with_context(|| format!("moving the checkpoint into {}", dir.display()))?;
-        if let Ok(d) = std::fs::File::open(self.files.checkpoints_dir()) {
-            let _ = d.sync_all();
-        }
+        let state = CheckpointState {
+            state: self.state.clone(),
+            data_position: DataPosition {
+                epoch: step / self.steps_per_epoch,
+                step_in_epoch: step % self.steps_per_epoch,
+                steps_per_epoch: self.steps_per_epoch,
+            },
+            scheduler: SchedulerState {
+                schedule: self.cfg.schedule,
+                next_lr: learning_rate(self.cfg.schedule, self.cfg.peak_lr(), step, self.total_steps, self.warmup, self.cfg.min_lr_ratio),
+                warmup_steps: self.warmup,
+                total_steps: self.total_steps,
+            },
+            rng: RngState { seed: self.cfg.seed, next_dropout_seed: dropout_seed(self.cfg.seed, step) },
+        };
+        state.write(stage.path())?;
+        crate::files::write_atomic(&stage.path().join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
+        stage.commit(IfExists::Keep)?;
         self.wal.sync()?;
-        self.events.push("checkpoint", format!("step {}: checkpoint {}", self.state.step, dir.display()))?;
+        self.events.push(EventKind::Checkpoint, format!("step {}: checkpoint {}", self.state.step, dir.display()))?;
         let mut all = self.files.checkpoints()?;
         while all.len() > self.cfg.keep_checkpoints {
             let (_, old) = all.remove(0);
@@ -734,22 +796,17 @@ impl Trainer {
     /// Writes the trained model to `<run dir>/model` in Hugging Face layout (the
     /// adapter and a reference to its base, or full weights) with the tokenizer files.
     pub fn save_model(&self) -> Result<PathBuf> {
-        let out = self.files.dir().join("model");
-        let tmp = tempfile::Builder::new().prefix(".tmp-model-").tempdir_in(self.files.dir())?;
-        self.save_weights(tmp.path())?;
-        self.tokenizer.save_hf_files(tmp.path())?;
+        let stage = StagedDir::new(self.files.dir().join("model"))?;
+        self.save_weights(stage.path())?;
+        self.tokenizer.save_hf_files(stage.path())?;
         if self.lora.is_some() {
             // Where the base model came from, for loaders that rebuild it.
-            crate::model::io::atomic_write(
-                &tmp.path().join("base_model.json"),
+            crate::files::write_atomic(
+                &stage.path().join("base_model.json"),
                 serde_json::to_string_pretty(&serde_json::json!({"base_model": self.base_name}))?.as_bytes(),
             )?;
         }
-        let tmp = tmp.keep();
-        if out.exists() {
-            std::fs::remove_dir_all(&out)?;
-        }
-        std::fs::rename(&tmp, &out)?;
+        let out = stage.commit(IfExists::Replace)?;
         Ok(out)
     }
 }

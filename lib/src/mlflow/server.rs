@@ -251,13 +251,9 @@ fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The data directory of `tunebook mlflow up`: `$TUNEBOOK_MLFLOW_DIR`, by default
-/// `~/.tunebook/mlflow` (user data beside the runs, not in a cache).
+/// The data directory of `tunebook mlflow up` ([`crate::files::mlflow_dir`]).
 pub fn default_data_dir() -> PathBuf {
-    match std::env::var_os("TUNEBOOK_MLFLOW_DIR").filter(|h| !h.is_empty()) {
-        Some(h) => PathBuf::from(h),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(".tunebook").join("mlflow"),
-    }
+    crate::files::mlflow_dir()
 }
 
 /// The server recorded in `data_dir`, if it still answers.
@@ -281,7 +277,7 @@ pub fn up(data_dir: Option<&Path>, port: Option<u16>) -> Result<(LocalServer, bo
     let mut opts = ServerOptions::new(&dir);
     opts.port = port;
     let s = LocalServer::start(&opts)?;
-    crate::model::io::atomic_write(&s.data_dir.join(SERVER_FILE), serde_json::to_string_pretty(&s)?.as_bytes())?;
+    crate::files::write_atomic(&s.data_dir.join(SERVER_FILE), serde_json::to_string_pretty(&s)?.as_bytes())?;
     Ok((s, false))
 }
 

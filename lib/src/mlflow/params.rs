@@ -38,20 +38,6 @@ pub const MAX_METRICS_PER_BATCH: usize = 1000;
 /// The tag listing the keys of params dropped as secrets.
 pub const DROPPED_TAG: &str = "tunebook.params_dropped";
 
-/// Metric names fine-tuning users already chart (Databricks / Composer names).
-pub mod metric_names {
-    pub const TRAIN_LOSS: &str = "loss/train/total";
-    pub const EVAL_LOSS: &str = "metrics/eval/LanguageCrossEntropy";
-    pub const EVAL_PERPLEXITY: &str = "metrics/eval/LanguagePerplexity";
-    pub const EVAL_TOKEN_ACCURACY: &str = "metrics/eval/TokenAccuracy";
-    pub const TRAIN_PERPLEXITY: &str = "metrics/train/LanguagePerplexity";
-    pub const LEARNING_RATE: &str = "lr";
-    pub const TOKENS_PER_SEC: &str = "throughput/tokens_per_sec";
-    pub const SAMPLES_PER_SEC: &str = "throughput/samples_per_sec";
-    pub const PEAK_MEMORY: &str = "memory/peak_reserved_mem";
-    pub const TIME_REMAINING: &str = "time/remaining_estimate";
-}
-
 fn key_char_ok(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' ' | ':' | '/')
 }

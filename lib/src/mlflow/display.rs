@@ -1,8 +1,7 @@
-//! Notebook display of MLflow runs, experiments and sync reports, with links into
-//! the MLflow UI (the registry's model versions use the same table).
+//! Notebook display of MLflow runs and experiments, with links into the MLflow UI
+//! (the registry's model versions and the tracker's sync reports use the same table).
 
 use super::api::{Experiment, Run};
-use super::tracker::SyncReport;
 use crate::display::{Render, escape_html, html_table_trusted, text_table};
 
 /// One cell: text, optionally a link.
@@ -122,11 +121,11 @@ macro_rules! render_as_table {
     ($t:ty, $f:expr) => {
         impl $crate::display::Render for $t {
             fn text_plain(&self) -> String {
-                let f: fn(&$t) -> $crate::track::display::LinkTable = $f;
+                let f: fn(&$t) -> $crate::mlflow::display::LinkTable = $f;
                 f(self).text_plain()
             }
             fn text_html(&self) -> Option<String> {
-                let f: fn(&$t) -> $crate::track::display::LinkTable = $f;
+                let f: fn(&$t) -> $crate::mlflow::display::LinkTable = $f;
                 f(self).text_html()
             }
         }
@@ -138,7 +137,6 @@ render_as_table!(Run, Run::card);
 render_as_table!(Vec<Run>, |v| runs_table(v));
 render_as_table!(Experiment, Experiment::card);
 render_as_table!(Vec<Experiment>, |v| experiments_table(v));
-render_as_table!(SyncReport, SyncReport::card);
 
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS` UTC.
 pub fn format_millis(ms: Option<i64>) -> String {
@@ -209,23 +207,6 @@ pub fn experiments_table(experiments: &[Experiment]) -> LinkTable {
         t.push([Cell::link(&e.name, e.url()), Cell::text(&e.experiment_id), Cell::text(format_millis(e.last_update_time))]);
     }
     t
-}
-
-impl SyncReport {
-    /// The card shown for a sync.
-    pub fn card(&self) -> LinkTable {
-        LinkTable::card(
-            "MLflow sync",
-            vec![
-                ("run", Cell::link(&self.run_id, &self.url)),
-                ("metrics sent", Cell::text(self.metrics_sent.to_string())),
-                ("metrics refused", Cell::text(self.metrics_rejected.to_string())),
-                ("model", Cell::text(self.model_id.clone().unwrap_or_else(|| "-".into()))),
-                ("registered", Cell::text(self.registered.clone().unwrap_or_else(|| "-".into()))),
-                ("status", Cell::text(self.status.map(|s| s.as_str()).unwrap_or("RUNNING (still going locally)"))),
-            ],
-        )
-    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use super::client::{ARTIFACTS_API, MlflowClient, mlflow_error};
 use super::params::{MAX_PARAMS_PER_BATCH, MAX_TAGS_PER_BATCH};
-use super::wal::MetricRecord;
+use serde::{Deserializer, Serializer};
 use anyhow::{Context, Result, bail};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
@@ -65,16 +65,6 @@ impl RunStatus {
             RunStatus::Finished => "FINISHED",
             RunStatus::Failed => "FAILED",
             RunStatus::Killed => "KILLED",
-        }
-    }
-}
-
-impl From<super::RunOutcome> for RunStatus {
-    fn from(o: super::RunOutcome) -> Self {
-        match o {
-            super::RunOutcome::Finished => RunStatus::Finished,
-            super::RunOutcome::Failed => RunStatus::Failed,
-            super::RunOutcome::Killed => RunStatus::Killed,
         }
     }
 }
@@ -465,19 +455,10 @@ impl MlflowClient {
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let tmp = dest.with_file_name(format!(
-            ".{}.part-{}",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let copied = std::io::copy(&mut resp, &mut f).with_context(|| format!("downloading {url}"));
-        if let Err(e) = copied.and_then(|_| f.sync_all().map_err(Into::into)) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, dest)?;
-        Ok(())
+        crate::files::write_atomic_with(dest, |w| {
+            std::io::copy(&mut resp, w).with_context(|| format!("downloading {url}"))?;
+            Ok(())
+        })
     }
 
     /// Downloads `path` (a file or a directory) under `artifact_root` into `dest`
@@ -570,6 +551,73 @@ pub fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// An MLflow run as other objects point at it (a LoggedModel's source run, a
+/// model version's run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunRef {
+    /// The experiment holding the run.
+    pub experiment_id: String,
+    /// The run.
+    pub run_id: String,
+}
+
+/// One metric value at one optimizer step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricRecord {
+    /// Metric name, e.g. `loss/train/total`.
+    pub key: String,
+    /// The value; NaN and infinities are kept (written as strings).
+    #[serde(serialize_with = "ser_f64", deserialize_with = "de_f64")]
+    pub value: f64,
+    /// Optimizer step.
+    pub step: i64,
+    /// Milliseconds since the Unix epoch when the value was logged.
+    pub timestamp: i64,
+}
+
+impl MetricRecord {
+    /// A record stamped with the current time.
+    pub fn now(key: impl Into<String>, value: f64, step: i64) -> Self {
+        MetricRecord { key: key.into(), value, step, timestamp: now_millis() }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn ser_f64<S: Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.is_nan() {
+        s.serialize_str("NaN")
+    } else if v.is_infinite() {
+        s.serialize_str(if *v > 0.0 { "Infinity" } else { "-Infinity" })
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
+fn de_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Num {
+        F(f64),
+        S(String),
+    }
+    match Num::deserialize(d)? {
+        Num::F(v) => Ok(v),
+        Num::S(s) => match s.as_str() {
+            "NaN" => Ok(f64::NAN),
+            "Infinity" => Ok(f64::INFINITY),
+            "-Infinity" => Ok(f64::NEG_INFINITY),
+            other => Err(serde::de::Error::custom(format!("expected a number, NaN or Infinity, found {other:?}"))),
+        },
+    }
 }
 
 #[cfg(test)]
