@@ -16,9 +16,32 @@ if RUST_LIBDIR="$(rustc --print target-libdir 2>/dev/null)"; then
 fi
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # mold intercepts the linker for cargo and for the kernel's cell builds alike.
-# `CI` is removed from cargo's environment: rust-analyzer's crates behind the kernel
-# read it at compile time (`option_env!("CI")`), so a build with it set and one
-# without would each recompile them (about 3.5 minutes) after the other.
+#
+# cargo_ also runs cargo without the variables that dependencies read at compile time
+# (`option_env!` in sources, `rerun-if-env-changed` in build scripts): with them, a build
+# in one environment recompiles what a build in another made. `CI` alone, read by
+# rust-analyzer's crates behind the kernel, cost every CI run after a local build (and
+# the other way round) about 3.5 minutes; SOURCE_DATE_EPOCH, CC/CFLAGS and pkg-config's
+# variables would recompile the C-backed crates and everything above them; RUSTFLAGS
+# would replace .cargo/config.toml's flags (see ARCHITECTURE.md, "One dependency build").
+# The project sets none of them; `scripts/build-cuda.sh` passes what it needs itself.
+build_env_unset() {
+  local v
+  for v in $(compgen -e); do
+    case "$v" in
+      CI|SOURCE_DATE_EPOCH|RUSTFLAGS|RUSTDOCFLAGS|CARGO_INCREMENTAL|CARGO_BUILD_RUSTFLAGS|CC|CXX|AR|CFLAGS|CXXFLAGS|ARFLAGS|\
+      CPATH|C_INCLUDE_PATH|CPLUS_INCLUDE_PATH|OBJC_INCLUDE_PATH|OBJCPLUS_INCLUDE_PATH|COMPILER_PATH|GCC_EXEC_PREFIX|SYSROOT|\
+      CRATE_CC_NO_DEFAULTS|CC_*|CFLAGS_*|CXX_*|CXXFLAGS_*|AR_*|ARFLAGS_*|HOST_*|PKG_CONFIG*|AWS_LC_*|OPENSSL_*|LIBCRYPTO_*|\
+      RUSTONIG_*|ZSTD_SYS_*|RING_*)
+        printf -- '-u %s ' "$v" ;;
+    esac
+  done
+}
 cargo_() {
-  if command -v mold >/dev/null; then env -u CI mold -run cargo "$@"; else env -u CI cargo "$@"; fi
+  # shellcheck disable=SC2046
+  if command -v mold >/dev/null; then
+    env $(build_env_unset) mold -run cargo "$@"
+  else
+    env $(build_env_unset) cargo "$@"
+  fi
 }

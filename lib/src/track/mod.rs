@@ -64,6 +64,18 @@ impl From<RunOutcome> for RunStatus {
     }
 }
 
+/// The MLflow run a tracker mirrors a run to: what the training stage needs to log
+/// the run's model there.
+#[derive(Clone)]
+pub struct MlflowRun {
+    /// A client for its server.
+    pub client: MlflowClient,
+    /// The run.
+    pub run: RunRef,
+    /// The run's name (a `catalog.schema` registration names the model after it).
+    pub run_name: String,
+}
+
 /// What a tracker is told when a run starts or resumes.
 #[derive(Clone, Debug)]
 pub struct RunContext<'a> {
@@ -93,7 +105,7 @@ pub trait Tracker: Send {
     fn log_artifact(&mut self, local: &Path, artifact_path: &str) -> Result<()>;
     /// The MLflow run this tracker mirrors to (opened now if it is not yet), so the
     /// training stage can log the run's model there; `None` when tracking is local.
-    fn mlflow_run(&mut self) -> Result<Option<(MlflowClient, RunRef)>> {
+    fn mlflow_run(&mut self) -> Result<Option<MlflowRun>> {
         Ok(None)
     }
     /// Ship everything left in the metric log and record how the run ended.

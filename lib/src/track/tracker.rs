@@ -428,9 +428,9 @@ impl Tracker for MlflowTracker {
         Ok(())
     }
 
-    fn mlflow_run(&mut self) -> Result<Option<(MlflowClient, RunRef)>> {
+    fn mlflow_run(&mut self) -> Result<Option<super::MlflowRun>> {
         let state = self.remote()?.ensure(&self.client)?;
-        Ok(Some((self.client.clone(), state.run_ref())))
+        Ok(Some(super::MlflowRun { client: self.client.clone(), run: state.run_ref(), run_name: self.run_name.clone() }))
     }
 
     fn finish(&mut self, outcome: RunOutcome) -> Result<()> {
@@ -498,8 +498,12 @@ pub struct SyncReport {
 /// The server is `tracking_uri`, else the one `tracking.json` names, else the one
 /// the run was tracked on before, else `MLFLOW_TRACKING_URI`.
 pub fn sync_run(run_dir: &Path, tracking_uri: Option<&str>) -> Result<SyncReport> {
+    if !run_dir.is_dir() {
+        bail!("{} is not a run directory", run_dir.display());
+    }
     let files = RunFiles::new(run_dir);
-    let local = files.status()?;
+    // A directory that only a tracker wrote has no status.json: the run goes on.
+    let local = if run_dir.join("status.json").exists() { Some(files.status()?) } else { None };
     let tracking = files.tracking()?.unwrap_or_default();
     let run_name = if tracking.run_name.is_empty() { files.name() } else { tracking.run_name.clone() };
     let previous = MlflowState::load(run_dir)?;
@@ -524,14 +528,14 @@ pub fn sync_run(run_dir: &Path, tracking_uri: Option<&str>) -> Result<SyncReport
         sent += delivered as u64;
         refused += rejected as u64;
     }
-    let status = match local.status {
-        crate::runs::Status::Completed => Some(RunStatus::Finished),
-        crate::runs::Status::Failed => Some(RunStatus::Failed),
-        crate::runs::Status::Stopped => Some(RunStatus::Killed),
-        crate::runs::Status::Pending | crate::runs::Status::Running => None,
+    let status = match local.as_ref().map(|l| l.status) {
+        Some(crate::runs::Status::Completed) => Some(RunStatus::Finished),
+        Some(crate::runs::Status::Failed) => Some(RunStatus::Failed),
+        Some(crate::runs::Status::Stopped) => Some(RunStatus::Killed),
+        Some(crate::runs::Status::Pending | crate::runs::Status::Running) | None => None,
     };
     if let Some(s) = status {
-        let end = local.ended_at.map(|t| (t * 1000.0) as i64).unwrap_or_else(now_millis);
+        let end = local.and_then(|l| l.ended_at).map(|t| (t * 1000.0) as i64).unwrap_or_else(now_millis);
         client.set_run_status(&state.run_id, s, Some(end))?;
         remote.update(|st| st.final_status = Some(s))?;
     }

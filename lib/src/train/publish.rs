@@ -66,8 +66,8 @@ pub(crate) fn publish_run(
 /// registers it; records both in `mlflow.json`. Returns the registered
 /// `name/version`; `None` without a tracking server.
 pub fn log_model(run_dir: &Path, tracker: &mut dyn Tracker, model_dir: &Path, register_to: Option<&str>) -> Result<Option<String>> {
-    let Some((client, run)) = tracker.mlflow_run()? else { return Ok(None) };
-    log_and_register(&RunFiles::new(run_dir), &client, &run, model_dir, register_to, None)
+    let Some(remote) = tracker.mlflow_run()? else { return Ok(None) };
+    log_and_register(&RunFiles::new(run_dir), &remote.client, &remote.run, &remote.run_name, model_dir, register_to, None)
 }
 
 /// Logs the model (reusing `reuse`, a LoggedModel an earlier attempt made ready)
@@ -76,11 +76,12 @@ fn log_and_register(
     files: &RunFiles,
     client: &crate::mlflow::MlflowClient,
     run: &crate::mlflow::RunRef,
+    run_name: &str,
     model_dir: &Path,
     register_to: Option<&str>,
     reuse: Option<&str>,
 ) -> Result<Option<String>> {
-    let out = crate::registry::log_and_register(client, run, &files.name(), model_dir, register_to, reuse)?;
+    let out = crate::registry::log_and_register(client, run, run_name, model_dir, register_to, reuse)?;
     MlflowState::update(files.dir(), |s| {
         s.logged_model_id = Some(out.model_id.clone());
         if out.registered.is_some() {
@@ -101,12 +102,14 @@ pub fn sync(run: &str, tracking_uri: Option<&str>) -> Result<SyncReport> {
     let model_dir = dir.join("model");
     let state = MlflowState::load(&dir)?;
     if let (true, Some(state)) = (model_dir.is_dir(), state) {
-        let register_to = files.tracking()?.and_then(|t| t.register_to);
+        let tracking = files.tracking()?.unwrap_or_default();
+        let run_name = if tracking.run_name.is_empty() { files.name() } else { tracking.run_name.clone() };
+        let register_to = tracking.register_to;
         // Unless done before: logged, and registered when asked to.
         if state.logged_model_id.is_none() || (register_to.is_some() && state.registered.is_none()) {
             let client = crate::mlflow::MlflowClient::with_config(crate::mlflow::MlflowConfig::tracking(Some(&state.tracking_uri))?)?;
             let reuse = state.logged_model_id.clone();
-            log_and_register(&files, &client, &state.run_ref(), &model_dir, register_to.as_deref(), reuse.as_deref())?;
+            log_and_register(&files, &client, &state.run_ref(), &run_name, &model_dir, register_to.as_deref(), reuse.as_deref())?;
         }
         let state = MlflowState::load(&dir)?.unwrap_or(state);
         report.model_id = state.logged_model_id;
