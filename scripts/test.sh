@@ -13,4 +13,4 @@ cargo_ test -p tunebook
 printf '\n== cargo test (kernel)\n'
 cargo_ test -p tunebook-kernel
 printf '\n== end-to-end tests\n'
-"$VENV/bin/python" -m pytest -v tests/ "$@"
+"$VENV/bin/python" -m pytest -v --durations=8 tests/ "$@"
