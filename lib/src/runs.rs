@@ -14,6 +14,8 @@
 //! | `metrics.wal` | worker | every metric (`track::wal`) |
 //! | `mlflow.json` | tracker | the MLflow run it mirrors to (`track::MlflowState`) |
 //! | `worker.log` | worker | its stdout and stderr |
+//! | `worker.pid` | the process that started the worker | the worker's pid |
+//! | `status.lock` | worker, `Run::cancel` | the lock status changes that read first are made under |
 //! | `checkpoints/step-NNNNNNNN/` | worker | weights or adapters, optimizer, state |
 //! | `model/` | worker, at the end | the trained model in Hugging Face layout |
 //! | `cancel` | `Run::cancel` | present: stop after the current step |
@@ -291,6 +293,41 @@ impl RunFiles {
     /// Replaces `status.json`.
     pub fn write_status(&self, s: &StatusFile) -> Result<()> {
         crate::files::write_atomic(&self.dir.join("status.json"), serde_json::to_string_pretty(s)?.as_bytes())
+    }
+    /// Changes `status.json` under the run's status lock (`status.lock`, an
+    /// exclusive `flock`), so two processes that each read, decide and write (a
+    /// worker starting, a cancel arriving) never overwrite each other's decision.
+    /// `f` gets the current file and returns what to write (`None`: leave it).
+    pub fn update_status<T>(&self, f: impl FnOnce(&StatusFile) -> (Option<StatusFile>, T)) -> Result<T> {
+        let lock_path = self.dir.join("status.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns; released when `lock` drops.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", lock_path.display()));
+        }
+        let current = self.status()?;
+        let (next, out) = f(&current);
+        if let Some(next) = next {
+            self.write_status(&next)?;
+        }
+        drop(lock);
+        Ok(out)
+    }
+    /// The pid of the worker started for this run (`worker.pid`, written by the
+    /// process that started it, so a worker that dies before it writes its status is
+    /// still seen).
+    pub fn worker_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join("worker.pid")).ok()?.trim().parse().ok()
+    }
+    /// Records the pid of the worker just started.
+    pub fn write_worker_pid(&self, pid: u32) -> Result<()> {
+        crate::files::write_atomic(&self.dir.join("worker.pid"), pid.to_string().as_bytes())
     }
     /// Updates the status, keeping the rest.
     pub fn set_status(&self, status: Status, message: Option<String>) -> Result<()> {

@@ -444,14 +444,9 @@ pub fn spawn_worker(dir: &Path) -> Result<u32> {
     }
     let mut child = cmd.spawn().with_context(|| format!("starting the training worker {}", bin.display()))?;
     let pid = child.id();
-    // Recorded at once, so a worker that dies before it writes its status is seen as dead.
-    let files = RunFiles::new(dir);
-    if let Ok(mut st) = files.status() {
-        if st.status == Status::Pending {
-            st.pid = Some(pid);
-            files.write_status(&st)?;
-        }
-    }
+    // Recorded at once, so a worker that dies before it writes its status is seen as
+    // dead. In a file of its own: the worker may already be writing status.json.
+    RunFiles::new(dir).write_worker_pid(pid)?;
     // Reap the worker when it exits so it does not linger as a zombie of this process.
     std::thread::spawn(move || child.wait());
     Ok(pid)
@@ -486,14 +481,29 @@ pub fn run_worker(dir: &Path) -> Result<Status> {
 pub fn run_in_process(dir: &Path, on_step: impl FnMut(&Progress)) -> Result<TrainSummary> {
     let files = RunFiles::new(dir);
     let cfg = TrainConfig::from_toml_file(dir.join("config.toml"))?;
-    let _ = std::fs::remove_file(dir.join("cancel"));
-    let mut st = files.status()?;
-    st.status = Status::Running;
-    st.pid = Some(std::process::id());
-    st.message = None;
-    st.started_at = Some(crate::runs::unix_now());
-    st.ended_at = None;
-    files.write_status(&st)?;
+    // Under the status lock: a cancel that came before this worker started is
+    // honoured (the run stays STOPPED), otherwise the run is RUNNING from here on.
+    let cancelled_before_start = files.update_status(|st| {
+        if files.cancel_requested() {
+            let mut s = st.clone();
+            s.status = Status::Stopped;
+            s.pid = None;
+            s.message.get_or_insert_with(|| "cancelled before it started".into());
+            s.ended_at.get_or_insert_with(crate::runs::unix_now);
+            return (Some(s), true);
+        }
+        let mut s = st.clone();
+        s.status = Status::Running;
+        s.pid = Some(std::process::id());
+        s.message = None;
+        s.started_at = Some(crate::runs::unix_now());
+        s.ended_at = None;
+        (Some(s), false)
+    })?;
+    if cancelled_before_start {
+        let _ = std::fs::remove_file(dir.join("cancel"));
+        return Ok(TrainSummary { steps: 0, losses: vec![], eval: None, model_dir: None, registered: None, status: Status::Stopped });
+    }
     let result = (|| {
         let tracker = crate::track::tracker_for(cfg.tracking_uri.as_deref())?;
         let mut t = Trainer::new(cfg.clone(), dir, tracker)?;
@@ -537,4 +547,22 @@ mod tests {
         assert_eq!(get("eval_max_new_tokens"), Some("64"), "a token count is not a secret");
         assert!(p.iter().all(|(_, v)| !v.contains("s3cret")));
     }
+
+    #[test]
+    fn a_cancel_before_the_worker_starts_is_kept_and_the_worker_trains_nothing() -> Result<()> {
+        let d = tempfile::tempdir()?;
+        let dir = d.path().join("early");
+        let cfg = TrainConfig { model: "m".into(), train_data: "d".into(), ..TrainConfig::default() };
+        create_run_dir(&dir, &cfg)?;
+        let run = Run::open(&dir)?;
+        assert_eq!(run.cancel_and_wait(std::time::Duration::ZERO)?, Status::Stopped);
+        // The worker starts after the cancel: it must not turn the run back to RUNNING.
+        let summary = run_in_process(&dir, |_| {})?;
+        assert_eq!((summary.status, summary.steps), (Status::Stopped, 0));
+        let st = run.status_file()?;
+        assert_eq!((st.status, st.message.as_deref()), (Status::Stopped, Some("cancelled before it started")));
+        assert!(!dir.join("cancel").exists(), "the handled cancel is removed, so a later resume trains");
+        Ok(())
+    }
+
 }

@@ -56,7 +56,7 @@ impl Run {
     pub fn status_file(&self) -> Result<StatusFile> {
         let mut s = self.files.status()?;
         if matches!(s.status, Status::Running | Status::Pending) {
-            if let Some(pid) = s.pid.filter(|&pid| !worker_alive(pid)) {
+            if let Some(pid) = s.pid.or_else(|| self.files.worker_pid()).filter(|&pid| !worker_alive(pid)) {
                 // Read the status again: the worker may have written its final status
                 // just before it exited.
                 s = self.files.status()?;
@@ -154,16 +154,25 @@ impl Run {
     /// Asks the worker to checkpoint and stop after the current step, and waits
     /// up to `timeout` for it. Returns the status reached.
     pub fn cancel_and_wait(&self, timeout: Duration) -> Result<Status> {
+        // The cancel file first: a worker that has not started yet sees it (under the
+        // status lock) and stops; a running one sees it after its current step.
         write_atomic(&self.dir().join("cancel"), b"")?;
-        let s = self.status_file()?;
-        if let Some(pid) = s.pid {
+        let pid = self.files.update_status(|s| match s.status {
+            Status::Pending => {
+                let mut next = s.clone();
+                next.status = Status::Stopped;
+                next.message = Some("cancelled before it started".into());
+                next.ended_at = Some(crate::runs::unix_now());
+                (Some(next), None)
+            }
+            Status::Running => (None, s.pid),
+            _ => (None, None),
+        })?;
+        if let Some(pid) = pid {
             // SAFETY: sends SIGTERM to the worker's pid recorded in status.json.
             unsafe {
                 libc::kill(pid as i32, libc::SIGTERM);
             }
-        }
-        if s.status == Status::Pending {
-            self.files.set_status(Status::Stopped, Some("cancelled before it started".into()))?;
         }
         let end = std::time::Instant::now() + timeout;
         loop {

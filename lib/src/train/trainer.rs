@@ -524,6 +524,8 @@ impl Trainer {
             if CANCEL.load(Ordering::SeqCst) || self.files.cancel_requested() || crate::interrupt::requested() {
                 self.checkpoint()?;
                 self.events.push(EventKind::Cancelled, format!("stopped at step {} on request; checkpoint written", self.state.step))?;
+                // Handled: a later resume must not read it as a cancel before its start.
+                let _ = std::fs::remove_file(self.files.dir().join("cancel"));
                 return Ok(TrainSummary {
                     steps: self.state.step,
                     losses,
