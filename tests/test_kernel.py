@@ -188,18 +188,17 @@ def test_message_with_a_bad_signature_is_rejected(kernel):
     assert execute(kc, "2 + 2").result_data()["text/plain"] == "4"
 
 
-def test_restart_gives_a_fresh_working_kernel():
-    km, kc = start_kernel()
-    try:
-        assert execute(kc, "let old = 1;").status == "ok"
-        km.restart_kernel(now=False)
-        kc.wait_for_ready(timeout=120)
-        r = execute(kc, "old")
-        assert r.status == "error", "variables do not survive a restart"
-        r = execute(kc, "let fresh = 20; fresh + 22")
-        assert r.status == "ok" and r.result_data()["text/plain"] == "42"
-    finally:
-        stop_kernel(km, kc)
+def test_restart_gives_a_fresh_working_kernel(kernel):
+    # The module's kernel, restarted: the last test that uses it (a kernel of its own
+    # would cost one more start from nothing).
+    km, kc = kernel
+    assert execute(kc, "let old = 1;").status == "ok"
+    km.restart_kernel(now=False)
+    kc.wait_for_ready(timeout=120)
+    r = execute(kc, "old")
+    assert r.status == "error", "variables do not survive a restart"
+    r = execute(kc, "let fresh = 20; fresh + 22")
+    assert r.status == "ok" and r.result_data()["text/plain"] == "42"
 
 
 def test_a_kernel_whose_jupyter_dies_exits():
