@@ -124,6 +124,19 @@ pub struct StatusFile {
     pub ended_at: Option<f64>,
 }
 
+impl StatusFile {
+    /// This status after a cancel that came before the worker started: STOPPED,
+    /// no worker, the end time kept if one was recorded already.
+    pub fn cancelled_before_start(&self) -> StatusFile {
+        let mut s = self.clone();
+        s.status = Status::Stopped;
+        s.pid = None;
+        s.message = Some("cancelled before it started".into());
+        s.ended_at.get_or_insert_with(unix_now);
+        s
+    }
+}
+
 /// The latest step of a run (`progress.json`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
@@ -329,18 +342,21 @@ impl RunFiles {
     pub fn write_worker_pid(&self, pid: u32) -> Result<()> {
         crate::files::write_atomic(&self.dir.join("worker.pid"), pid.to_string().as_bytes())
     }
-    /// Updates the status, keeping the rest.
+    /// Updates the status (under the status lock), keeping the rest; a final status
+    /// records the end time and clears the pid.
     pub fn set_status(&self, status: Status, message: Option<String>) -> Result<()> {
-        let mut s = self.status()?;
-        s.status = status;
-        if message.is_some() {
-            s.message = message;
-        }
-        if status.is_final() {
-            s.ended_at = Some(unix_now());
-            s.pid = None;
-        }
-        self.write_status(&s)
+        self.update_status(|current| {
+            let mut s = current.clone();
+            s.status = status;
+            if message.is_some() {
+                s.message = message;
+            }
+            if status.is_final() {
+                s.ended_at = Some(unix_now());
+                s.pid = None;
+            }
+            (Some(s), ())
+        })
     }
     /// Reads `tracking.json` (None for a run created before it existed).
     pub fn tracking(&self) -> Result<Option<TrackingFile>> {
@@ -350,6 +366,15 @@ impl RunFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
         }
+    }
+    /// `tracking.json`, or an empty one for a run without it, with the run name
+    /// filled in from the directory name when the file does not give one.
+    pub fn tracking_or_default(&self) -> Result<TrackingFile> {
+        let mut t = self.tracking()?.unwrap_or_default();
+        if t.run_name.is_empty() {
+            t.run_name = self.name();
+        }
+        Ok(t)
     }
     /// Replaces `tracking.json`.
     pub fn write_tracking(&self, t: &TrackingFile) -> Result<()> {

@@ -136,13 +136,6 @@ impl LlamaConfig {
         let heads = need("num_attention_heads")?;
         check_keys(&map)?;
         let (rope_theta, rope_scaling) = parse_rope(&map)?;
-        let rope_scaling = match rope_scaling {
-            // transformers falls back to max_position_embeddings when it is absent.
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: 0 }) => {
-                Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: need("max_position_embeddings")? })
-            }
-            other => other,
-        };
         // As transformers reads them: Llama alone has `attention_bias` (q, k, v and o)
         // and `mlp_bias`; Qwen2 always has q/k/v biases and nothing else; Mistral none.
         let llama = model_type == "llama";
@@ -467,8 +460,13 @@ fn parse_rope(map: &Map<String, Value>) -> Result<(f64, Option<RopeScaling>)> {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
                 high_freq_factor: num("high_freq_factor")?,
-                // 0: absent, max_position_embeddings (filled in by the caller).
-                original_max_position_embeddings: p.get("original_max_position_embeddings").map(|_| num("original_max_position_embeddings")).transpose()?.unwrap_or(0.0) as usize,
+                // transformers falls back to max_position_embeddings when it is absent.
+                original_max_position_embeddings: match p.get("original_max_position_embeddings") {
+                    Some(_) => num("original_max_position_embeddings")? as usize,
+                    None => get("max_position_embeddings").and_then(Value::as_u64).ok_or_else(|| {
+                        anyhow!("config.json: {key} of type `llama3` needs `original_max_position_embeddings` (or a top-level `max_position_embeddings`)")
+                    })? as usize,
+                },
             }),
             &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
         ),

@@ -163,3 +163,16 @@ fn unsupported_rope_and_attention_settings_are_errors_that_name_the_key() {
     .unwrap();
     assert_eq!((ok.rope_theta, ok.rope_scaling), (10000.0, None));
 }
+
+#[test]
+fn llama3_scaling_without_its_original_length_takes_max_position_embeddings_as_transformers_does() {
+    let c = LlamaConfig::from_hf_json(
+        r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2,
+        "max_position_embeddings":96,"rope_parameters":{"rope_type":"llama3","rope_theta":5e5,"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        c.rope_scaling,
+        Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 96 })
+    );
+}

@@ -504,8 +504,7 @@ pub fn sync_run(run_dir: &Path, tracking_uri: Option<&str>) -> Result<SyncReport
     let files = RunFiles::new(run_dir);
     // A directory that only a tracker wrote has no status.json: the run goes on.
     let local = if run_dir.join("status.json").exists() { Some(files.status()?) } else { None };
-    let tracking = files.tracking()?.unwrap_or_default();
-    let run_name = if tracking.run_name.is_empty() { files.name() } else { tracking.run_name.clone() };
+    let tracking = files.tracking_or_default()?;
     let previous = MlflowState::load(run_dir)?;
     let uri = tracking_uri
         .map(str::to_string)
@@ -515,7 +514,7 @@ pub fn sync_run(run_dir: &Path, tracking_uri: Option<&str>) -> Result<SyncReport
     let client = MlflowClient::with_config(MlflowConfig::tracking(uri.as_deref())?)?;
     let spec = RunSpec {
         run_dir: run_dir.to_path_buf(),
-        run_name,
+        run_name: tracking.run_name.clone(),
         experiment: tracking.experiment.clone(),
         params: tracking.params.clone(),
         tags: tracking.tags.clone(),

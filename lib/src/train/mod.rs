@@ -485,12 +485,7 @@ pub fn run_in_process(dir: &Path, on_step: impl FnMut(&Progress)) -> Result<Trai
     // honoured (the run stays STOPPED), otherwise the run is RUNNING from here on.
     let cancelled_before_start = files.update_status(|st| {
         if files.cancel_requested() {
-            let mut s = st.clone();
-            s.status = Status::Stopped;
-            s.pid = None;
-            s.message.get_or_insert_with(|| "cancelled before it started".into());
-            s.ended_at.get_or_insert_with(crate::runs::unix_now);
-            return (Some(s), true);
+            return (Some(st.cancelled_before_start()), true);
         }
         let mut s = st.clone();
         s.status = Status::Running;

@@ -102,14 +102,13 @@ pub fn sync(run: &str, tracking_uri: Option<&str>) -> Result<SyncReport> {
     let model_dir = dir.join("model");
     let state = MlflowState::load(&dir)?;
     if let (true, Some(state)) = (model_dir.is_dir(), state) {
-        let tracking = files.tracking()?.unwrap_or_default();
-        let run_name = if tracking.run_name.is_empty() { files.name() } else { tracking.run_name.clone() };
+        let tracking = files.tracking_or_default()?;
         let register_to = tracking.register_to;
         // Unless done before: logged, and registered when asked to.
         if state.logged_model_id.is_none() || (register_to.is_some() && state.registered.is_none()) {
             let client = crate::mlflow::MlflowClient::with_config(crate::mlflow::MlflowConfig::tracking(Some(&state.tracking_uri))?)?;
             let reuse = state.logged_model_id.clone();
-            log_and_register(&files, &client, &state.run_ref(), &run_name, &model_dir, register_to.as_deref(), reuse.as_deref())?;
+            log_and_register(&files, &client, &state.run_ref(), &tracking.run_name, &model_dir, register_to.as_deref(), reuse.as_deref())?;
         }
         let state = MlflowState::load(&dir)?.unwrap_or(state);
         report.model_id = state.logged_model_id;

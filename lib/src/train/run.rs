@@ -158,13 +158,7 @@ impl Run {
         // status lock) and stops; a running one sees it after its current step.
         write_atomic(&self.dir().join("cancel"), b"")?;
         let pid = self.files.update_status(|s| match s.status {
-            Status::Pending => {
-                let mut next = s.clone();
-                next.status = Status::Stopped;
-                next.message = Some("cancelled before it started".into());
-                next.ended_at = Some(crate::runs::unix_now());
-                (Some(next), None)
-            }
+            Status::Pending => (Some(s.cancelled_before_start()), None),
             Status::Running => (None, s.pid),
             _ => (None, None),
         })?;
