@@ -1,6 +1,7 @@
 //! The Llama-family decoder: full-sequence forward for training, cached forward for generation.
 
 use super::config::LlamaConfig;
+use super::batch::{AdapterWeights, LayerAdapter, LoraRows};
 use super::lora::LoraAdapter;
 use super::ops::{self, AttentionMask, RopeTable, packed::PackedWeight};
 use anyhow::{Context, Result, bail};
@@ -154,8 +155,8 @@ fn shifted_labels(labels: &[i64], packing: &Packing, b: usize, t: usize) -> Resu
 /// again) and gets buffers of its own on its first append.
 #[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
+    pub(super) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(super) len: usize,
 }
 
 impl Clone for KvCache {
@@ -190,7 +191,7 @@ impl KvCache {
 
 /// Appends `new` (`[B, t, C]`) after the first `len` tokens of the layer buffer `slot`
 /// (`[B, capacity, C]`), growing it when full; returns a view of all `len + t` tokens.
-fn kv_append(slot: &mut Option<Tensor>, len: usize, new: &Tensor) -> Result<Tensor> {
+pub(super) fn kv_append(slot: &mut Option<Tensor>, len: usize, new: &Tensor) -> Result<Tensor> {
     let new = new.contiguous()?;
     let (b, t, c) = new.dims3()?;
     let cap = match slot.as_ref() {
@@ -250,12 +251,12 @@ pub struct LlamaModel {
     pub norm: Tensor,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Tensor>,
-    rope: RopeTable,
+    pub(super) rope: RopeTable,
     device: Device,
     dtype: DType,
     /// Compact exact copies of frozen weights for decoding, keyed by the dense tensor they
     /// mirror (a weight replaced or made trainable has a new id and is no longer mirrored).
-    packed: Arc<HashMap<TensorId, Arc<PackedWeight>>>,
+    pub(super) packed: Arc<HashMap<TensorId, Arc<PackedWeight>>>,
 }
 
 impl LlamaModel {
@@ -349,20 +350,27 @@ impl LlamaModel {
         Ok(Some(Tensor::from_vec(y, dims, &Device::Cpu)?))
     }
 
-    /// A projection, using the compact decode copy when it applies.
-    fn project(&self, lin: &Linear, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train {
-            if let Some(mut y) = self.packed_matvec(x, &lin.weight)? {
-                if let Some(b) = &lin.bias {
-                    y = y.broadcast_add(b)?;
+    /// A projection, using the compact decode copy when it applies; `extra` is an
+    /// adapter applied on top without being attached to the model (serving).
+    fn project(&self, lin: &Linear, extra: Option<&LoraRows>, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = 'base: {
+            if !train {
+                if let Some(mut y) = self.packed_matvec(x, &lin.weight)? {
+                    if let Some(b) = &lin.bias {
+                        y = y.broadcast_add(b)?;
+                    }
+                    if let Some(l) = &lin.lora {
+                        y = (y + l.forward(x, false)?)?;
+                    }
+                    break 'base y;
                 }
-                if let Some(l) = &lin.lora {
-                    y = (y + l.forward(x, false)?)?;
-                }
-                return Ok(y);
             }
+            lin.forward(x, train)?
+        };
+        if let Some(e) = extra {
+            y = e.apply(x, y)?;
         }
-        lin.forward(x, train)
+        Ok(y)
     }
 
     /// The device the weights live on.
@@ -510,7 +518,7 @@ impl LlamaModel {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &rope, &mask, None, train)?;
+            x = self.layer_forward(layer, &x, &rope, &mask, None, None, train)?;
         }
         Ok(ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?)
     }
@@ -522,17 +530,19 @@ impl LlamaModel {
         rope: &ops::Rope,
         mask: &AttentionMask,
         cache: Option<(&mut Option<(Tensor, Tensor)>, usize)>,
+        adapter: Option<&LayerAdapter>,
         train: bool,
     ) -> Result<Tensor> {
+        let ad = |i: usize| adapter.and_then(|a: &LayerAdapter| a[i].as_ref());
         let c = &self.config;
         let d = c.head_dim();
         let eps = c.rms_norm_eps;
         let h = ops::rms_norm(x, &layer.input_layernorm, eps)?;
         let a = &layer.self_attn;
         // [B, T, heads·D] throughout: rope and attention read the heads from the layout.
-        let q = rope.apply(&self.project(&a.q_proj, &h, train)?)?;
-        let mut k = rope.apply(&self.project(&a.k_proj, &h, train)?)?;
-        let mut v = self.project(&a.v_proj, &h, train)?;
+        let q = rope.apply(&self.project(&a.q_proj, ad(0), &h, train)?)?;
+        let mut k = rope.apply(&self.project(&a.k_proj, ad(1), &h, train)?)?;
+        let mut v = self.project(&a.v_proj, ad(2), &h, train)?;
         if let Some((slot, len)) = cache {
             let (mut kb, mut vb) = slot.take().unzip();
             k = kv_append(&mut kb, len, &k)?;
@@ -540,18 +550,18 @@ impl LlamaModel {
             *slot = kb.zip(vb);
         }
         let att = ops::attention_flat(&q, &k, &v, d, mask)?;
-        let x = (x + self.project(&a.o_proj, &att, train)?)?;
+        let x = (x + self.project(&a.o_proj, ad(3), &att, train)?)?;
         let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
         let m = &layer.mlp;
         // A decode step (one row) runs the two largest projections side by side.
         let (gate, up) = if !train && h.elem_count() == h.dim(D::Minus1)? {
-            let (g, u) = rayon::join(|| self.project(&m.gate_proj, &h, train), || self.project(&m.up_proj, &h, train));
+            let (g, u) = rayon::join(|| self.project(&m.gate_proj, ad(4), &h, train), || self.project(&m.up_proj, ad(5), &h, train));
             (g?, u?)
         } else {
-            (self.project(&m.gate_proj, &h, train)?, self.project(&m.up_proj, &h, train)?)
+            (self.project(&m.gate_proj, ad(4), &h, train)?, self.project(&m.up_proj, ad(5), &h, train)?)
         };
         let act = ops::swiglu(&gate, &up)?;
-        Ok((&x + self.project(&m.down_proj, &act, train)?)?)
+        Ok((&x + self.project(&m.down_proj, ad(6), &act, train)?)?)
     }
 
     /// Logits `[B, T, V]` for every position of `input_ids` `[B, T]` (u32 token ids).
@@ -601,7 +611,7 @@ impl LlamaModel {
         let mut x = embedded;
         for layer in &self.layers {
             let (input, xin) = leaf(&x)?;
-            x = self.layer_forward(layer, &xin, &rope, &mask, None, train)?;
+            x = self.layer_forward(layer, &xin, &rope, &mask, None, None, train)?;
             layers.push((input, x.clone()));
         }
         let (head_input, xin) = leaf(&x)?;
@@ -614,7 +624,16 @@ impl LlamaModel {
     /// Runs `input_ids` (`[B, T]`) after the tokens already in `cache`, appends their keys and
     /// values, and returns the logits of the last position, `[B, V]`.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_cached_with(input_ids, cache, None)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) with a LoRA adapter applied on top of the
+    /// base weights, unmerged (the model itself is not changed).
+    pub fn forward_cached_with(&self, input_ids: &Tensor, cache: &mut KvCache, adapter: Option<&AdapterWeights>) -> Result<Tensor> {
         let (b, t, ids) = self.check_ids(input_ids)?;
+        if let Some(a) = adapter {
+            a.check_fits(self)?;
+        }
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
             cache.len = 0;
@@ -625,8 +644,9 @@ impl LlamaModel {
         let mask = AttentionMask { segments: None, sliding_window: self.config.sliding_window };
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?;
         let len = cache.len;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, &x, &rope, &mask, Some((slot, len)), false)?;
+        for (l, (layer, slot)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let ad = adapter.map(|a| &a.layers[l]);
+            x = self.layer_forward(layer, &x, &rope, &mask, Some((slot, len)), ad, false)?;
         }
         cache.len += t;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;

@@ -21,6 +21,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod batch;
 pub mod config;
 pub mod generate;
 pub mod io;
@@ -29,6 +30,7 @@ pub mod lora;
 pub mod ops;
 pub mod tiny;
 
+pub use batch::{AdapterWeights, SeqStep};
 pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{
     FinishReason, Generation, GenerateArgs, GenerationConfig, Model, Sampler, TokenStream, default_device, run_generate_cli,

@@ -144,6 +144,59 @@ impl PackedWeight {
         y
     }
 
+    /// `Y = X·Wᵀ` for `n` input rows `xs` (`[n, cols]` row-major); returns `[n, rows]`.
+    ///
+    /// Each weight block is read once for all `n` inputs (a batched decode step costs
+    /// little more memory traffic than one row), and every output equals what
+    /// [`matvec`](Self::matvec) gives for that input row alone, bit for bit: the same
+    /// kernel computes each row (the 4-row kernel on rows below the last multiple of
+    /// four, the 1-row kernel on the rest), so a sequence's greedy text does not depend
+    /// on what it is batched with.
+    pub fn matmul(&self, xs: &[f32], n: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        assert_eq!(xs.len(), n * self.cols, "packed matmul: input length");
+        if n == 1 {
+            return self.matvec(xs);
+        }
+        let _t = super::profile::timer("packed matmul");
+        let inputs: Vec<(&[f32], Vec<f32>)> =
+            xs.chunks(self.cols).map(|x| (x, x.chunks(QK).map(|c| c.iter().sum()).collect())).collect();
+        let aligned = self.rows / 4 * 4;
+        // `out` holds rows r0.. of Wᵀ's result, weight-row-major: out[(r - r0)·n + j].
+        let run = |r0: usize, out: &mut [f32]| {
+            let len = out.len() / n;
+            let mut i = 0;
+            while i + 4 <= len && r0 + i + 4 <= aligned {
+                for (j, (x, sx)) in inputs.iter().enumerate() {
+                    match self.rows4(r0 + i, x, sx) {
+                        Some(v) => (0..4).for_each(|k| out[(i + k) * n + j] = v[k]),
+                        None => (0..4).for_each(|k| out[(i + k) * n + j] = self.row_dot(r0 + i + k, x, sx)),
+                    }
+                }
+                i += 4;
+            }
+            for r in i..len {
+                for (j, (x, sx)) in inputs.iter().enumerate() {
+                    out[r * n + j] = self.row_dot(r0 + r, x, sx);
+                }
+            }
+        };
+        let mut t = vec![0f32; self.rows * n];
+        if num_threads() <= 1 || n * self.rows * self.cols < 1 << 22 {
+            run(0, &mut t);
+        } else {
+            let chunk = self.rows.div_ceil(num_threads()).div_ceil(4) * 4;
+            t.par_chunks_mut(chunk * n).enumerate().for_each(|(ci, out)| run(ci * chunk, out));
+        }
+        let mut y = vec![0f32; n * self.rows];
+        for r in 0..self.rows {
+            for j in 0..n {
+                y[j * self.rows + r] = t[r * n + j];
+            }
+        }
+        y
+    }
+
     /// Rows `r..r+4` of a Q4 matrix with the 4-row kernel; `None` where it does not apply.
     fn rows4(&self, r: usize, x: &[f32], sx: &[f32]) -> Option<[f32; 4]> {
         #[cfg(target_arch = "x86_64")]
@@ -372,6 +425,29 @@ unsafe fn dot_bf16_avx512(w: &[bf16], x: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn a_batched_product_gives_each_row_exactly_its_single_row_product() -> Result<()> {
+        // 1030 rows: not a multiple of 4; 5·1030·1024 inputs·weights takes the threaded path.
+        for (rows, cols, n) in [(7, 64, 3), (1030, 1024, 5)] {
+            let v: Vec<f32> = (0..rows * cols).map(|i| ((i * 31 % 97) as f32 - 48.0) / 13.0).collect();
+            let t = Tensor::from_vec(v.clone(), (rows, cols), &Device::Cpu)?;
+            let xs: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.17).sin()).collect();
+            let b: Vec<f32> = v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+            let mut weights = vec![PackedWeight::from_bf16_exact(&b, rows, cols).expect("exact")];
+            for dt in [GgmlDType::Q4_1, GgmlDType::Q4_0, GgmlDType::Q8_0] {
+                weights.push(PackedWeight::from_qtensor(&QTensor::quantize(&t, dt)?)?.expect("supported type"));
+            }
+            for p in &weights {
+                let y = p.matmul(&xs, n);
+                for j in 0..n {
+                    let single = p.matvec(&xs[j * cols..(j + 1) * cols]);
+                    assert_eq!(&y[j * rows..(j + 1) * rows], single.as_slice(), "{rows}×{cols}, input row {j}");
+                }
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn packed_weights_expand_to_candles_dequantised_values() -> Result<()> {
