@@ -14,6 +14,7 @@ pub mod mlflow;
 pub mod model;
 pub mod registry;
 pub mod runs;
+pub mod serve;
 pub mod tokenize;
 pub mod track;
 pub mod train;

@@ -155,6 +155,67 @@ impl Dataset {
         Ok(Dataset::with_source(df, label))
     }
 
+    /// Chat training data from a serving endpoint's inference table (the Delta table
+    /// `tunebook serve --inference-table DIR` writes): every successful chat request
+    /// (status 200) becomes one `messages` row, its request's messages followed by the
+    /// assistant's reply. Replies cut at `max_tokens` (finish reason `length`), failed
+    /// requests and plain completions are left out. Serve, collect, fine-tune again.
+    pub fn from_inference_table(path: impl AsRef<Path>) -> Result<Dataset, DataError> {
+        let p = path.as_ref().to_string_lossy().to_string();
+        let df = delta::read(&p, &DeltaVersion::Latest)?;
+        let col = |name: &str| {
+            df.column(name).map_err(|_| DataError::Delta {
+                path: p.clone(),
+                message: format!("no `{name}` column: is this a tunebook inference table (tunebook serve --inference-table)?"),
+            })
+        };
+        let status = col("status_code")?.cast(&DataType::Int64).map_err(|e| DataError::Polars(e.to_string()))?;
+        let (req, resp) = (col("request")?, col("response")?);
+        let (status, req, resp) = (
+            status.i64().map_err(|e| DataError::Polars(e.to_string()))?,
+            req.str().map_err(|e| DataError::Polars(e.to_string()))?,
+            resp.str().map_err(|e| DataError::Polars(e.to_string()))?,
+        );
+        let mut lines = Vec::new();
+        for i in 0..df.height() {
+            let (Some(200), Some(rq), Some(rs)) = (status.get(i), req.get(i), resp.get(i)) else { continue };
+            let (Ok(rq), Ok(rs)) = (serde_json::from_str::<serde_json::Value>(rq), serde_json::from_str::<serde_json::Value>(rs)) else {
+                continue;
+            };
+            let choice = &rs["choices"][0];
+            let (Some(msgs), Some(reply)) = (rq["messages"].as_array(), choice["message"]["content"].as_str()) else { continue };
+            if choice["finish_reason"] == "length" {
+                continue;
+            }
+            let mut messages: Vec<serde_json::Value> = msgs
+                .iter()
+                .map(|m| {
+                    let content = match &m["content"] {
+                        serde_json::Value::Array(parts) => parts.iter().filter_map(|x| x["text"].as_str()).collect::<String>(),
+                        c => c.as_str().unwrap_or_default().to_string(),
+                    };
+                    let role = match m["role"].as_str() {
+                        Some("developer") => "system",
+                        r => r.unwrap_or("user"),
+                    };
+                    serde_json::json!({"role": role, "content": content})
+                })
+                .collect();
+            messages.push(serde_json::json!({"role": "assistant", "content": reply}));
+            lines.extend_from_slice(serde_json::json!({"messages": messages}).to_string().as_bytes());
+            lines.push(b'\n');
+        }
+        if lines.is_empty() {
+            return Err(DataError::Delta { path: p, message: "no successful chat request in this inference table yet".into() });
+        }
+        let df = JsonReader::new(Cursor::new(lines))
+            .with_json_format(JsonFormat::JsonLines)
+            .infer_schema_len(None)
+            .finish()
+            .map_err(|e| DataError::Polars(e.to_string()))?;
+        Ok(Dataset::with_source(df, format!("inference-table:{p}")).task(Task::Chat))
+    }
+
     /// Reads JSON Lines: one JSON object per line (a `.jsonl` file, or every
     /// `.jsonl`/`.json` file in a folder). Blank lines are skipped; a line that
     /// is not a JSON object is an error naming the file and line.

@@ -426,53 +426,115 @@ impl Model {
         let mut cfg = config.clone();
         cfg.eos_token_ids.extend_from_slice(tok.stop_ids());
         let mut stream = self.llama.stream_ids(&prompt_ids, &cfg)?;
-        let mut decoder = tok.decode_stream(true);
-        let longest_stop = config.stop_strings.iter().map(String::len).max().unwrap_or(0);
+        let mut text = TextStream::new(tok, &config.stop_strings);
         let mut ids = Vec::new();
-        let mut emitted = 0usize; // bytes of text already passed to on_text
-        let mut text = String::new();
-        let mut stopped = false;
         while let Some(t) = stream.next() {
             let id = t?;
             ids.push(id);
             crate::interrupt::check().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let Some(piece) = decoder.step(id)? else { continue };
-            // A stop string can only end inside the new piece: search from where
-            // the longest one could have started.
-            let mut from = text.len().saturating_sub(longest_stop.saturating_sub(1));
-            while !text.is_char_boundary(from) {
-                from -= 1;
+            let piece = text.push(id)?;
+            if !piece.is_empty() {
+                on_text(&piece);
             }
-            text.push_str(&piece);
-            if let Some(cut) = config.stop_strings.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
-                text.truncate(cut);
-                stopped = true;
-            }
-            // Hold back any suffix that could begin a stop string.
-            let mut safe = text.len();
-            if !stopped {
-                for s in &config.stop_strings {
-                    for k in (1..s.len()).rev() {
-                        if s.is_char_boundary(k) && text.ends_with(&s[..k]) {
-                            safe = safe.min(text.len() - k);
-                            break;
-                        }
-                    }
-                }
-            }
-            if safe > emitted && text.is_char_boundary(safe) {
-                on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
-            if stopped {
+            if text.stopped() {
                 break;
             }
         }
-        if emitted < text.len() {
-            on_text(&text[emitted..]);
+        let rest = text.finish();
+        if !rest.is_empty() {
+            on_text(&rest);
         }
-        let finish_reason = if stopped { FinishReason::Stop } else { stream.finish_reason().unwrap_or(FinishReason::Length) };
-        Ok(Generation { text, ids, prompt_ids, finish_reason })
+        let finish_reason = if text.stopped() { FinishReason::Stop } else { stream.finish_reason().unwrap_or(FinishReason::Length) };
+        Ok(Generation { text: text.into_text(), ids, prompt_ids, finish_reason })
+    }
+}
+
+/// The text of a generation as its tokens arrive: each token decoded once
+/// ([`crate::tokenize::DecodeStream`], an incomplete UTF-8 character held back), cut before
+/// the first stop string, and released only when no stop string could still begin in it,
+/// so nothing of a stop string is ever shown, even when it spans tokens. `Model::generate`
+/// and the serving engine both use it.
+pub struct TextStream {
+    decoder: crate::tokenize::DecodeStream,
+    stops: Vec<String>,
+    longest: usize,
+    text: String,
+    emitted: usize,
+    stopped: bool,
+}
+
+impl TextStream {
+    /// A stream decoding with `tokenizer` (special tokens skipped) that stops at `stop_strings`.
+    pub fn new(tokenizer: &Tokenizer, stop_strings: &[String]) -> Self {
+        let stops: Vec<String> = stop_strings.iter().filter(|s| !s.is_empty()).cloned().collect();
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        Self { decoder: tokenizer.decode_stream(true), stops, longest, text: String::new(), emitted: 0, stopped: false }
+    }
+
+    /// Feeds the next token id; returns the text that became safe to show (often empty).
+    /// After a stop string appears, [`stopped`](Self::stopped) is true and the text ends before it.
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        if self.stopped {
+            return Ok(String::new());
+        }
+        let Some(piece) = self.decoder.step(id)? else { return Ok(String::new()) };
+        // A stop string can only end inside the new piece: search from where the longest
+        // one could have started.
+        let mut from = self.text.len().saturating_sub(self.longest.saturating_sub(1));
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.text.push_str(&piece);
+        let text = &self.text;
+        if let Some(cut) = self.stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
+            self.text.truncate(cut);
+            self.stopped = true;
+        }
+        // Hold back any suffix that could begin a stop string.
+        let mut safe = self.text.len();
+        if !self.stopped {
+            for s in &self.stops {
+                for k in (1..s.len()).rev() {
+                    if s.is_char_boundary(k) && self.text.ends_with(&s[..k]) {
+                        safe = safe.min(self.text.len() - k);
+                        break;
+                    }
+                }
+            }
+        }
+        if safe > self.emitted && self.text.is_char_boundary(safe) {
+            let out = self.text[self.emitted..safe].to_string();
+            self.emitted = safe;
+            return Ok(out);
+        }
+        Ok(String::new())
+    }
+
+    /// Whether a stop string ended the text.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The text so far (cut before a stop string), shown or not.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Bytes of the text already returned by [`push`](Self::push) / [`finish`](Self::finish).
+    pub fn emitted_len(&self) -> usize {
+        self.emitted
+    }
+
+    /// At the end of generation: the text held back (a prefix of a stop string that never completed).
+    pub fn finish(&mut self) -> String {
+        let out = self.text[self.emitted..].to_string();
+        self.emitted = self.text.len();
+        out
+    }
+
+    /// The whole text.
+    pub fn into_text(self) -> String {
+        self.text
     }
 }
 

@@ -33,7 +33,7 @@ pub mod tiny;
 pub use batch::{AdapterWeights, SeqStep};
 pub use config::{LlamaConfig, RopeScaling};
 pub use generate::{
-    FinishReason, Generation, GenerateArgs, GenerationConfig, Model, Sampler, TokenStream, default_device, run_generate_cli,
+    FinishReason, Generation, GenerateArgs, GenerationConfig, Model, Sampler, TextStream, TokenStream, default_device, run_generate_cli,
 };
 pub use io::{ModelSource, TensorData, hf_cache_dir, resolve_model, write_safetensors, write_safetensors_data};
 pub use llama::{DecoderLayer, KvCache, Linear, LlamaModel, LossTape, Packing};

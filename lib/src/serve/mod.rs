@@ -1,0 +1,351 @@
+//! Serving: an OpenAI-compatible HTTP endpoint for a model and its LoRA adapters.
+//!
+//! * [`Serve`]: the builder behind `tunebook serve` (model, adapters, host/port, API
+//!   keys, inference table, limits); [`Serve::run`] serves until SIGINT/SIGTERM.
+//! * `engine`: one thread owns the model and runs continuous batching
+//!   ([`crate::model::LlamaModel::forward_batch`]); requests for different adapters share
+//!   a step, each adapter applied unmerged to its own rows.
+//! * `http`: axum routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
+//!   `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, `/health`, `/metrics`), API
+//!   keys, `x-request-id`, SSE streaming.
+//! * `api`: the OpenAI wire format and its error envelope.
+//! * [`table`]: the Delta inference table.
+//!
+//! Prompts go through the model's own chat template ([`crate::tokenize::Tokenizer::encode_chat`],
+//! the code path training used) and text through [`crate::model::TextStream`] (the code
+//! path `Model::generate` uses): greedy answers equal `tunebook generate`'s.
+//!
+//! ```no_run
+//! use tunebook::serve::Serve;
+//! Serve::new("HuggingFaceTB/SmolLM2-135M-Instruct")
+//!     .adapter("dates", "runs/dates-1/model")
+//!     .port(8000)
+//!     .run(|url| println!("serving at {url}"))?;
+//! # anyhow::Ok(())
+//! ```
+
+pub mod api;
+mod engine;
+mod http;
+pub mod metrics;
+pub mod table;
+
+pub use engine::EngineLimits;
+
+use crate::model::{AdapterWeights, Model};
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+/// Settings of a serving endpoint, built by name.
+#[derive(Clone, Debug)]
+pub struct Serve {
+    model: String,
+    adapters: Vec<(String, String)>,
+    host: String,
+    port: u16,
+    api_keys: Vec<String>,
+    inference_table: Option<PathBuf>,
+    limits: EngineLimits,
+    max_queue: usize,
+    allow_adapter_updates: bool,
+    served_model_name: Option<String>,
+    max_model_len: Option<usize>,
+    shutdown_timeout: Duration,
+}
+
+impl Serve {
+    /// Serves `model`: a Hugging Face directory, a `.gguf`, a run's `model/` folder, a
+    /// PEFT adapter folder (merged into its base), a Hugging Face id in the local cache, or
+    /// a registered model (`models:/name/3`, `name@alias`).
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            adapters: vec![],
+            host: "127.0.0.1".into(),
+            port: 0,
+            api_keys: vec![],
+            inference_table: None,
+            limits: EngineLimits::default(),
+            max_queue: 64,
+            allow_adapter_updates: false,
+            served_model_name: None,
+            max_model_len: None,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Also serves a LoRA adapter under `name` (requests choose it with `"model": name`);
+    /// `source` is a PEFT adapter folder or a registered model holding one.
+    pub fn adapter(mut self, name: impl Into<String>, source: impl Into<String>) -> Self {
+        self.adapters.push((name.into(), source.into()));
+        self
+    }
+
+    /// The address to listen on (default 127.0.0.1; `0.0.0.0` for every interface).
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = host.into();
+        self
+    }
+
+    /// The port (0, the default, picks a free one).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// Requires `Authorization: Bearer KEY` with one of `keys` on every route but `/health`.
+    pub fn api_keys(mut self, keys: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.api_keys = keys.into_iter().map(Into::into).filter(|k: &String| !k.is_empty()).collect();
+        self
+    }
+
+    /// Reads API keys from a file, one per line (blank lines and `#` comments skipped).
+    pub fn api_key_file(self, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
+        let keys: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+        if keys.is_empty() {
+            bail!("the API key file {} holds no key (one key per line)", path.display());
+        }
+        Ok(self.api_keys(keys))
+    }
+
+    /// Appends every request and response to the Delta table at `dir`.
+    pub fn inference_table(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.inference_table = Some(dir.into());
+        self
+    }
+
+    /// Most sequences decoded together in one step (default 8).
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.limits.max_running = n.max(1);
+        self
+    }
+
+    /// Most requests waiting for a place in the batch before new ones get 429 (default 64).
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.max_queue = n;
+        self
+    }
+
+    /// Most prompt tokens prefilled per step; longer prompts are chunked (default 256).
+    pub fn prefill_chunk(mut self, tokens: usize) -> Self {
+        self.limits.prefill_tokens_per_step = tokens.max(1);
+        self
+    }
+
+    /// Allows `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`.
+    pub fn allow_adapter_updates(mut self, on: bool) -> Self {
+        self.allow_adapter_updates = on;
+        self
+    }
+
+    /// The base model's id in the API (default: MODEL as given).
+    pub fn served_model_name(mut self, name: impl Into<String>) -> Self {
+        self.served_model_name = Some(name.into());
+        self
+    }
+
+    /// Limits prompt + completion tokens (default: the model's `max_position_embeddings`).
+    pub fn max_model_len(mut self, n: usize) -> Self {
+        self.max_model_len = Some(n);
+        self
+    }
+
+    /// How long in-flight requests may go on after SIGINT/SIGTERM (default 10 s).
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = d;
+        self
+    }
+
+    /// Binds the port, loads the model and adapters (`/health` says 503 meanwhile), calls
+    /// `on_ready` with the base URL (`http://HOST:PORT/v1`), and serves until SIGINT or
+    /// SIGTERM: then it stops admitting, lets in-flight requests finish for up to the
+    /// shutdown timeout, flushes the inference table and returns.
+    pub fn run(self, on_ready: impl FnOnce(&str)) -> Result<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        rt.block_on(self.run_async(on_ready))
+    }
+
+    async fn run_async(self, on_ready: impl FnOnce(&str)) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{} (is the port in use? port 0 picks a free one)", self.host, self.port))?;
+        let addr = listener.local_addr()?;
+        let log = match &self.inference_table {
+            Some(dir) => Some(table::InferenceLog::start(dir)?),
+            None => None,
+        };
+        let name = self.served_model_name.clone().unwrap_or_else(|| self.model.clone());
+        let server = Arc::new(http::Server {
+            model_name: name.clone(),
+            created: chrono::Utc::now().timestamp(),
+            keys: self.api_keys.clone(),
+            ready: OnceLock::new(),
+            metrics: Arc::new(metrics::Metrics::new(&name)),
+            inflight: AtomicUsize::new(0),
+            max_inflight: self.limits.max_running + self.max_queue,
+            allow_adapter_updates: self.allow_adapter_updates,
+            shutting_down: AtomicBool::new(false),
+            log,
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let app = http::router(server.clone());
+        let mut serving = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        let (spec, adapters) = (self.model.clone(), self.adapters.clone());
+        let loaded = tokio::task::spawn_blocking(move || -> Result<_> {
+            let model = load_model(&spec)?;
+            if model.tokenizer.is_none() {
+                bail!("{spec} has no tokenizer (tokenizer.json): a served model needs one to read prompts");
+            }
+            let mut served = std::collections::BTreeMap::new();
+            for (n, src) in adapters {
+                let w = read_adapter(&model, &src).with_context(|| format!("adapter `{n}` from {src}"))?;
+                served.insert(n, http::ServedAdapter { weights: Arc::new(w), source: src, created: chrono::Utc::now().timestamp() });
+            }
+            Ok((model, served))
+        })
+        .await?;
+        let (model, served) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                serving.abort();
+                return Err(e);
+            }
+        };
+        if served.contains_key(&name) {
+            bail!("an adapter is named `{name}`, the served model's own name: choose another adapter name");
+        }
+        let model = Arc::new(model);
+        let context_len = self.max_model_len.unwrap_or(usize::MAX).min(model.llama.config.max_position_embeddings);
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
+        let (m, limits, metrics) = (model.clone(), self.limits, server.metrics.clone());
+        std::thread::Builder::new().name("engine".into()).spawn(move || engine::run(m, jobs_rx, limits, metrics))?;
+        let _ = server.ready.set(http::Ready { model, jobs: Mutex::new(jobs_tx), adapters: RwLock::new(served), context_len });
+        on_ready(&format!("http://{addr}/v1"));
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            r = &mut serving => { r??; bail!("the HTTP server stopped unexpectedly"); }
+        }
+        server.shutting_down.store(true, Ordering::Relaxed);
+        let _ = stop_tx.send(());
+        if tokio::time::timeout(self.shutdown_timeout, &mut serving).await.is_err() {
+            eprintln!(
+                "tunebook serve: {} request(s) still running after {:?}: cancelled",
+                server.inflight.load(Ordering::Relaxed),
+                self.shutdown_timeout
+            );
+            serving.abort();
+        }
+        if let Some(log) = &server.log {
+            log.close();
+        }
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Loads what `tunebook serve MODEL` names: a local path or Hugging Face id through
+/// [`Model::load`], a registered model through [`crate::registry::Registry::load`].
+pub fn load_model(spec: &str) -> Result<Model> {
+    let local = Path::new(spec).exists();
+    if !local && (spec.starts_with("models:/") || spec.contains('@')) {
+        return crate::registry::Registry::load(spec);
+    }
+    match Model::load(spec) {
+        Ok(m) => Ok(m),
+        Err(e) if !local && crate::registry::parse_model_ref(spec).is_ok() => crate::registry::Registry::load(spec)
+            .with_context(|| format!("{spec} is neither a local model ({e:#}) nor a registered one")),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads an adapter for `model`: a PEFT folder, or a registered model holding one.
+pub fn read_adapter(model: &Model, source: &str) -> Result<AdapterWeights> {
+    let p = Path::new(source);
+    let dir = if p.is_dir() {
+        p.to_path_buf()
+    } else if p.exists() {
+        bail!("{source} is a file: an adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors)");
+    } else {
+        crate::registry::Registry::new(None)?.download(source).with_context(|| format!("{source} is not a folder; as a registered model"))?
+    };
+    let found = [dir.clone(), dir.join("peft"), dir.join("model")].into_iter().find(|d| d.join("adapter_config.json").is_file());
+    let Some(adir) = found else {
+        bail!("{}: no adapter_config.json (an adapter is a PEFT folder: adapter_config.json + adapter_model.safetensors)", dir.display());
+    };
+    model.llama.read_adapter(&adir)
+}
+
+/// Settings of `tunebook serve`.
+#[derive(Clone, Debug)]
+pub struct ServeArgs {
+    pub model: String,
+    pub adapters: Vec<String>,
+    pub host: String,
+    pub port: u16,
+    pub api_key_file: Option<PathBuf>,
+    pub inference_table: Option<PathBuf>,
+    pub max_concurrency: usize,
+    pub max_queue: usize,
+    pub allow_adapter_updates: bool,
+    pub served_model_name: Option<String>,
+    pub max_model_len: Option<usize>,
+}
+
+/// Runs `tunebook serve` in the foreground: prints the base URL once ready.
+pub fn run_serve_cli(args: ServeArgs) -> Result<()> {
+    let mut s = Serve::new(&args.model)
+        .host(&args.host)
+        .port(args.port)
+        .max_concurrency(args.max_concurrency)
+        .max_queue(args.max_queue)
+        .allow_adapter_updates(args.allow_adapter_updates);
+    for a in &args.adapters {
+        let (name, src) = a.split_once('=').with_context(|| format!("--adapter {a}: expected NAME=SOURCE"))?;
+        if name.is_empty() || src.is_empty() {
+            bail!("--adapter {a}: expected NAME=SOURCE with both parts");
+        }
+        s = s.adapter(name, src);
+    }
+    if let Some(f) = &args.api_key_file {
+        s = s.api_key_file(f)?;
+    }
+    if let Some(t) = &args.inference_table {
+        s = s.inference_table(t);
+    }
+    if let Some(n) = &args.served_model_name {
+        s = s.served_model_name(n);
+    }
+    if let Some(n) = args.max_model_len {
+        s = s.max_model_len(n);
+    }
+    eprintln!("tunebook serve: loading {}", args.model);
+    s.run(|url| {
+        use std::io::Write;
+        println!("tunebook serve: ready at {url}");
+        let _ = std::io::stdout().flush();
+    })
+}
