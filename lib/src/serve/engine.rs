@@ -100,6 +100,8 @@ struct Seq {
     pending: VecDeque<(usize, TokenLogprob)>,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+    /// The client went away.
+    gone: bool,
 }
 
 /// Runs the engine on the calling thread until every sender of `jobs` is dropped.
@@ -130,6 +132,7 @@ pub(crate) fn run(model: Arc<Model>, jobs: mpsc::Receiver<Job>, limits: EngineLi
             pending: VecDeque::new(),
             first_token_at: None,
             last_token_at: None,
+            gone: false,
         })
     };
     loop {
@@ -224,6 +227,10 @@ pub(crate) fn run(model: Arc<Model>, jobs: mpsc::Receiver<Job>, limits: EngineLi
         }
         for (i, finish) in finished.into_iter().rev() {
             let mut s = running.remove(i);
+            if s.gone {
+                metrics.aborted.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let rest = s.text.finish();
             let logprobs = s.pending.drain(..).map(|p| p.1).collect::<Vec<_>>();
             if !rest.is_empty() || !logprobs.is_empty() {
@@ -232,6 +239,7 @@ pub(crate) fn run(model: Arc<Model>, jobs: mpsc::Receiver<Job>, limits: EngineLi
             metrics.observe_done(&s.job, finish, s.produced);
             let _ = s.job.events.send(Event::Done { finish, prompt_tokens: s.job.prompt.len(), completion_tokens: s.produced });
         }
+        metrics.running.store(running.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -273,6 +281,7 @@ fn advance(s: &mut Seq, logits: &[f32], eos: &[u32], tok: &crate::tokenize::Toke
     }
     if !piece.is_empty() || !logprobs.is_empty() {
         if s.job.events.send(Event::Text { text: piece, logprobs }).is_err() {
+            s.gone = true;
             return Ok(Some(Finish::Stop));
         }
     }

@@ -319,7 +319,7 @@ async fn respond(s: Arc<Server>, p: Prepared, kind: Kind) -> Response {
     }
     let created = chrono::Utc::now().timestamp();
     let (id, object, chunk_object) = ids(kind);
-    let log = LogCtx { server: s.clone(), model: model.clone(), request, started, client_request_id };
+    let mut log = LogCtx { server: s.clone(), model: model.clone(), request, started, client_request_id, partial: String::new(), logged: false };
     if stream {
         return stream_response(rx, admission, StreamCtx { id, object: chunk_object, created, model, kind, include_usage, logprobs, log });
     }
@@ -329,6 +329,7 @@ async fn respond(s: Arc<Server>, p: Prepared, kind: Kind) -> Response {
         match ev {
             Event::Text { text: t, logprobs: l } => {
                 text.push_str(&t);
+                log.partial.push_str(&t);
                 lps.extend(l);
             }
             Event::Done { finish, prompt_tokens, completion_tokens } => {
@@ -352,38 +353,65 @@ async fn respond(s: Arc<Server>, p: Prepared, kind: Kind) -> Response {
             }
         }
     }
-    ApiError::internal("The engine ended the request without an answer.").into_response()
+    let e = ApiError::internal("The engine ended the request without an answer.");
+    log.failed(&e);
+    e.into_response()
 }
 
-/// What the inference table needs of a request.
+/// What the inference table needs of a request. A request that ends without an
+/// answer (its client went away) is logged when this is dropped, with status 499
+/// and the text produced so far.
 struct LogCtx {
     server: Arc<Server>,
     model: String,
     request: Value,
     started: Instant,
     client_request_id: Option<String>,
+    /// Text sent so far.
+    partial: String,
+    logged: bool,
 }
 
 impl LogCtx {
-    fn done(&self, response: &Value, prompt_tokens: usize, completion_tokens: usize) {
+    fn row(&self, response: Value, prompt_tokens: usize, completion_tokens: usize) -> super::table::LogRow {
+        super::table::LogRow::ok(
+            self.client_request_id.clone(),
+            &self.model,
+            &self.server.model_name,
+            self.request.clone(),
+            response,
+            self.started.elapsed(),
+            prompt_tokens,
+            completion_tokens,
+        )
+    }
+
+    fn done(&mut self, response: &Value, prompt_tokens: usize, completion_tokens: usize) {
+        self.logged = true;
         if let Some(log) = &self.server.log {
-            log.record(super::table::LogRow::ok(
-                self.client_request_id.clone(),
-                &self.model,
-                &self.server.model_name,
-                self.request.clone(),
-                response.clone(),
-                self.started.elapsed(),
-                prompt_tokens,
-                completion_tokens,
-            ));
+            log.record(self.row(response.clone(), prompt_tokens, completion_tokens));
         }
     }
 
-    fn failed(&self, e: &ApiError) {
+    fn failed(&mut self, e: &ApiError) {
+        self.logged = true;
         if let Some(log) = &self.server.log {
-            let mut row = super::table::LogRow::ok(self.client_request_id.clone(), &self.model, &self.server.model_name, self.request.clone(), e.body(), self.started.elapsed(), 0, 0);
+            let mut row = self.row(e.body(), 0, 0);
             row.status_code = e.status.as_u16() as i32;
+            log.record(row);
+        }
+    }
+}
+
+impl Drop for LogCtx {
+    fn drop(&mut self) {
+        if self.logged {
+            return;
+        }
+        if let Some(log) = &self.server.log {
+            let body = json!({"error": {"message": "the client closed the connection before the answer was complete", "type": "client_closed_request", "param": null, "code": null}, "partial": self.partial});
+            let mut row = self.row(body, 0, 0);
+            row.status_code = 499;
             log.record(row);
         }
     }
@@ -424,7 +452,7 @@ enum StreamState {
 fn stream_response(rx: UnboundedReceiver<Event>, admission: Admission, ctx: StreamCtx) -> Response {
     let data = |v: &Value| SseEvent::default().data(v.to_string());
     let state = (StreamState::Start, rx, Some(admission), ctx, String::new(), 0usize);
-    let s = futures::stream::unfold(state, move |(st, mut rx, mut adm, ctx, mut text, mut offset)| async move {
+    let s = futures::stream::unfold(state, move |(st, mut rx, mut adm, mut ctx, mut text, mut offset)| async move {
         match st {
             StreamState::Start => {
                 let first = match ctx.kind {
@@ -441,6 +469,7 @@ fn stream_response(rx: UnboundedReceiver<Event>, admission: Admission, ctx: Stre
                     });
                     offset += t.len();
                     text.push_str(&t);
+                    ctx.log.partial.push_str(&t);
                     let body = match ctx.kind {
                         Kind::Chat => json!({"content": t}),
                         Kind::Completion => json!(t),
@@ -469,6 +498,7 @@ fn stream_response(rx: UnboundedReceiver<Event>, admission: Admission, ctx: Stre
                 }
                 None => {
                     let e = ApiError::internal("The engine ended the request without an answer.");
+                    ctx.log.failed(&e);
                     Some((Ok(data(&e.body())), (StreamState::Finishing(vec![]), rx, adm, ctx, text, offset)))
                 }
             },
