@@ -10,50 +10,22 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from deltalake import DeltaTable
+from peft_adapter import write_adapter
 
 GGUF = os.environ.get("TUNEBOOK_SMOLLM2_GGUF", "")
 KEY = "sk-test-key"
 QUESTION = "What is the capital of France? Answer in one sentence."
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(GGUF), reason="the SmolLM2 GGUF is installed by scripts/setup.sh")
-
-
-def write_adapter(path, rank=16, seed=0):
-    """A PEFT LoRA adapter for SmolLM2-135M (q_proj and v_proj of its 30 layers) with
-    random A and B, written as adapter_config.json + adapter_model.safetensors."""
-    os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(30):
-        for name, out in (("q_proj", 576), ("v_proj", 192)):
-            p = f"base_model.model.model.layers.{layer}.self_attn.{name}"
-            tensors[f"{p}.lora_A.weight"] = (rng.standard_normal((rank, 576)) / 24).astype(np.float32)
-            tensors[f"{p}.lora_B.weight"] = (rng.standard_normal((out, rank)) * 0.3).astype(np.float32)
-    header, offset, blobs = {}, 0, []
-    for k in sorted(tensors):
-        b = tensors[k].tobytes()
-        header[k] = {"dtype": "F32", "shape": list(tensors[k].shape), "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(os.path.join(path, "adapter_model.safetensors"), "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": GGUF, "r": rank, "lora_alpha": 2 * rank,
-           "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f)
 
 
 class Counter:
@@ -100,7 +72,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
-    write_adapter(str(d / "wild"), rank=16, seed=1)
+    write_adapter(str(d / "wild"), GGUF, rank=16, seed=1)
     (d / "keys").write_text(f"# test keys\n{KEY}\n")
     s = Server([GGUF, "--served-model-name", "smol", "--adapter", f"wild={d / 'wild'}", "--api-key-file", str(d / "keys"),
                 "--inference-table", str(d / "table"), "--max-concurrency", "8"])

@@ -15,7 +15,7 @@
 
 use super::llama::{KvCache, LlamaModel, kv_append};
 use super::lora::Lora;
-use super::ops::{self, AttentionMask, gemm::dot};
+use super::ops::{self, gemm::dot};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
@@ -173,8 +173,10 @@ impl LlamaModel {
         Ok(out)
     }
 
-    /// One decode step of `seqs` (one token each) through shared projections.
-    fn decode_rows(&self, seqs: &mut [&mut SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    /// One decode step of `seqs` (one token each) through shared projections. Also the
+    /// decode step of [`forward_cached`](Self::forward_cached), so a sequence computes the
+    /// same logits in `Model::generate` and in a served batch.
+    pub(super) fn decode_rows(&self, seqs: &mut [&mut SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (n, hidden, d, eps) = (seqs.len(), c.hidden_size, c.head_dim(), c.rms_norm_eps);
         for s in seqs.iter_mut() {
@@ -187,7 +189,6 @@ impl LlamaModel {
         let positions: Vec<u32> = seqs.iter().map(|s| s.cache.len as u32).collect();
         let adapters: Vec<Option<&AdapterWeights>> = seqs.iter().map(|s| s.adapter).collect();
         let rope = self.rope.at(&positions, n, 1)?;
-        let mask = AttentionMask { segments: None, sliding_window: c.sliding_window };
         let ids = Tensor::from_vec(ids, n, self.device())?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((n, 1, hidden))?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -197,7 +198,7 @@ impl LlamaModel {
             let q = rope.apply(&proj(&a.q_proj, 0, &h)?)?;
             let k = rope.apply(&proj(&a.k_proj, 1, &h)?)?;
             let v = proj(&a.v_proj, 2, &h)?;
-            let mut atts = Vec::with_capacity(n);
+            let mut kv = Vec::with_capacity(n);
             for (r, s) in seqs.iter_mut().enumerate() {
                 let len = s.cache.len;
                 let slot = &mut s.cache.layers[l];
@@ -205,9 +206,15 @@ impl LlamaModel {
                 let kr = kv_append(&mut kb, len, &k.narrow(0, r, 1)?)?;
                 let vr = kv_append(&mut vb, len, &v.narrow(0, r, 1)?)?;
                 *slot = kb.zip(vb);
-                atts.push(ops::attention_flat(&q.narrow(0, r, 1)?, &kr, &vr, d, &mask)?);
+                kv.push((kr, vr));
             }
-            let att = Tensor::cat(&atts, 0)?;
+            let att = if q.device().is_cpu() && q.dtype() == DType::F32 {
+                ops::attention::decode_attention(&q, &kv, d, c.sliding_window)?
+            } else {
+                let mask = ops::AttentionMask { segments: None, sliding_window: c.sliding_window };
+                let rows = kv.iter().enumerate().map(|(r, (k, v))| ops::attention_flat(&q.narrow(0, r, 1)?, k, v, d, &mask));
+                Tensor::cat(&rows.collect::<candle_core::Result<Vec<_>>>()?, 0)?
+            };
             x = (x + proj(&a.o_proj, 3, &att)?)?;
             let m = &layer.mlp;
             let h = ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
@@ -230,7 +237,7 @@ impl LlamaModel {
 
     /// `x·Wᵀ` for the rows of `x` (`[n, .., in]`) through the compact copy of `w`, each row
     /// exactly as a single-row product; `None` when `w` has no compact copy.
-    fn packed_rows(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    pub(super) fn packed_rows(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         if w.is_variable() || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
@@ -265,6 +272,7 @@ impl LlamaModel {
             None => lin.forward(x, false)?,
         };
         if adapters.iter().any(|a| a.and_then(|a| a.at(layer, proj)).is_some()) {
+            let _t = ops::profile::timer("decode adapters");
             let (inp, out) = lin.in_out();
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let dims = y.dims().to_vec();
@@ -297,8 +305,10 @@ mod tests {
         m.visit_tensors_mut(|name, t| {
             *t = t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
             if let Ok((r, c)) = t.dims2() {
-                let p = PackedWeight::from_bf16_exact(&t.flatten_all()?.to_vec1::<f32>()?, r, c).context("bf16 values")?;
-                by_name.insert(name.to_string(), p);
+                // Whole blocks of 32 columns only: the others stay dense.
+                if let Some(p) = PackedWeight::from_bf16_exact(&t.flatten_all()?.to_vec1::<f32>()?, r, c) {
+                    by_name.insert(name.to_string(), p);
+                }
             }
             Ok(())
         })?;
@@ -381,7 +391,11 @@ mod tests {
     #[test]
     fn a_sequence_gets_the_same_logits_batched_with_others_as_alone() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let m = packed_tiny(LlamaConfig::tiny())?;
+        // Every projection in whole blocks of 32 columns, so all of them are packed.
+        let mut cfg = LlamaConfig::tiny();
+        cfg.intermediate_size = 64;
+        let m = packed_tiny(cfg.clone())?;
+        assert_eq!(m.packed_count(), 2 * 7 + 2, "every projection, the embedding and the head");
         random_adapter(&m, &dir.path().join("a"), 4, 1)?;
         random_adapter(&m, &dir.path().join("b"), 8, 2)?;
         let a = m.read_adapter(dir.path().join("a"))?;
@@ -390,7 +404,7 @@ mod tests {
         let worst = batched_vs_alone(&m, &[None, Some(&a), Some(&b), None, Some(&a)], &schedule())?;
         assert_eq!(worst, 0.0, "packed weights: logits must not depend on the batch");
         // Dense f32 weights (no compact copies): the batch shares one GEMM; equal to rounding.
-        let dense = LlamaModel::random(LlamaConfig::tiny(), 11, &Device::Cpu)?;
+        let dense = LlamaModel::random(cfg, 11, &Device::Cpu)?;
         let (da, db) = (dense.read_adapter(dir.path().join("a"))?, dense.read_adapter(dir.path().join("b"))?);
         let worst = batched_vs_alone(&dense, &[Some(&db), None, Some(&da), Some(&da), None], &schedule())?;
         assert!(worst < 1e-4, "dense weights: batched logits differ by {worst}");
@@ -432,6 +446,43 @@ mod tests {
         let mut cache = KvCache::new();
         let err = other.forward_batch(&mut [SeqStep { tokens: &[1, 2], cache: &mut cache, adapter: Some(&adapter) }]).unwrap_err();
         assert!(format!("{err:#}").contains("read for a model with"), "{err:#}");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Where a decode step's time goes, alone and with 8 sequences, on the SmolLM2 GGUF:
+    /// `TUNEBOOK_PROFILE=1 cargo test -p tunebook --lib decode_step_profile -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark"]
+    fn decode_step_profile() -> Result<()> {
+        let Ok(path) = std::env::var("TUNEBOOK_SMOLLM2_GGUF") else { return Ok(()) };
+        let m = LlamaModel::load(&path, &Device::Cpu, DType::F32)?;
+        let prompt: Vec<u32> = (0..128).map(|i| 100 + (i * 37) % 5000).collect();
+        for n in [1usize, 8] {
+            let mut caches: Vec<KvCache> = (0..n).map(|_| KvCache::new()).collect();
+            for c in caches.iter_mut() {
+                let mut s = [SeqStep { tokens: &prompt, cache: c, adapter: None }];
+                m.forward_batch(&mut s)?;
+            }
+            let _ = ops::profile::take();
+            let steps = 32;
+            let t0 = std::time::Instant::now();
+            for k in 0..steps {
+                let toks: Vec<[u32; 1]> = (0..n).map(|i| [(200 + k * 7 + i) as u32]).collect();
+                let mut seqs: Vec<SeqStep> =
+                    caches.iter_mut().zip(&toks).map(|(c, t)| SeqStep { tokens: t, cache: c, adapter: None }).collect();
+                rayon::scope(|_| m.forward_batch(&mut seqs))?;
+            }
+            let per = t0.elapsed().as_secs_f64() / steps as f64;
+            println!("{n} sequences: {:.1} ms/step, {:.1} tok/s", per * 1e3, n as f64 / per);
+            for (name, secs, calls) in ops::profile::take() {
+                println!("    {name:28} {:7.2} ms/step ({calls} calls)", secs / steps as f64 * 1e3);
+            }
+        }
         Ok(())
     }
 }

@@ -335,19 +335,10 @@ impl LlamaModel {
     /// `x·Wᵀ` through the compact copy of `w` when `x` is one untracked f32 CPU row and `w` is
     /// frozen and mirrored; `None` otherwise.
     fn packed_matvec(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-        if w.is_variable() || x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        if x.elem_count() != x.dim(D::Minus1)? {
             return Ok(None);
         }
-        let k = x.dim(D::Minus1)?;
-        if x.elem_count() != k {
-            return Ok(None);
-        }
-        let Some(p) = self.packed.get(&w.id()) else { return Ok(None) };
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let y = p.matvec(&xs);
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().unwrap() = y.len();
-        Ok(Some(Tensor::from_vec(y, dims, &Device::Cpu)?))
+        self.packed_rows(x, w)
     }
 
     /// A projection, using the compact decode copy when it applies; `extra` is an
@@ -633,6 +624,13 @@ impl LlamaModel {
         let (b, t, ids) = self.check_ids(input_ids)?;
         if let Some(a) = adapter {
             a.check_fits(self)?;
+        }
+        if b == 1 && t == 1 {
+            // A decode step: the batched decode path with one sequence.
+            let tok = ids.flatten_all()?.to_vec1::<u32>()?;
+            let mut seq = super::batch::SeqStep { tokens: &tok, cache, adapter };
+            let logits = self.decode_rows(&mut [&mut seq])?.pop().context("decode step: no logits")?;
+            return Ok(Tensor::from_vec(logits, (1, self.config.vocab_size), &self.device)?.to_dtype(self.dtype)?);
         }
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];

@@ -114,6 +114,70 @@ pub fn attention_flat(q: &Tensor, k: &Tensor, v: &Tensor, head_dim: usize, mask:
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
+/// One decode step of attention for `n` sequences at once: `q` is `[n, 1, H·D]` (one
+/// query per sequence, at the position after its keys) and `kv[i]` holds sequence `i`'s
+/// keys and values, `[1, L_i, Hkv·D]` each (its own length). Returns `[n, 1, H·D]`.
+/// Every (sequence, key-value head) pair is one task of a single parallel loop, instead
+/// of one kernel launch per sequence; each output is computed the same way whatever
+/// else is in the batch. Not differentiable (generation only).
+pub fn decode_attention(q: &Tensor, kv: &[(Tensor, Tensor)], head_dim: usize, sliding_window: Option<usize>) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (n, one, hd) = q.dims3()?;
+    if one != 1 || kv.len() != n || head_dim == 0 || hd % head_dim != 0 {
+        candle_core::bail!("decode attention: q {:?} with {} key/value pairs (head_dim {head_dim})", q.dims(), kv.len());
+    }
+    let q = q.contiguous()?;
+    let kvc: Vec<(Tensor, Tensor)> = kv.iter().map(|(k, v)| Ok((k.contiguous()?, v.contiguous()?))).collect::<Result<_>>()?;
+    let hkvd = kvc.first().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+    let (h, hkv, d) = (hd / head_dim, hkvd / head_dim, head_dim);
+    if hkv == 0 || h % hkv != 0 {
+        candle_core::bail!("decode attention: {h} query heads and {hkv} key/value heads");
+    }
+    let (qs, ql) = q.storage_and_layout();
+    let qd = match &*qs {
+        candle_core::Storage::Cpu(s) => slice_f32("decode attention", s, ql)?,
+        _ => candle_core::bail!("decode attention runs on the CPU"),
+    };
+    let guards: Vec<_> = kvc.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+    let mut rows: Vec<(&[f32], &[f32], usize)> = Vec::with_capacity(n);
+    for (i, ((ks, kl), (vs, vl))) in guards.iter().enumerate() {
+        let (kd, vd) = match (&**ks, &**vs) {
+            (candle_core::Storage::Cpu(k), candle_core::Storage::Cpu(v)) => (slice_f32("decode attention", k, kl)?, slice_f32("decode attention", v, vl)?),
+            _ => candle_core::bail!("decode attention runs on the CPU"),
+        };
+        let len = kd.len() / hkvd;
+        if kd.len() != vd.len() || len == 0 || kd.len() != len * hkvd {
+            candle_core::bail!("decode attention: sequence {i} has {} key and {} value values for width {hkvd}", kd.len(), vd.len());
+        }
+        rows.push((kd, vd, len));
+    }
+    let _t = super::profile::timer("decode attention");
+    let rep = h / hkv;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; n * hd];
+    // One task per (sequence, key-value head): `rep` query heads, d columns each.
+    out.par_chunks_mut(rep * d).enumerate().for_each(|(t, o)| {
+        let (i, kh) = (t / hkv, t % hkv);
+        let (kd, vd, len) = rows[i];
+        let from = sliding_window.map_or(0, |w| len.saturating_sub(w));
+        let keys = len - from;
+        // The `rep` query heads of this key-value head are adjacent: scores [rep, keys]
+        // = scale · Q·Kᵀ, softmax per row, then out [rep, d] = P·V.
+        let mut p = vec![0f32; rep * keys];
+        let q0 = i * hd + kh * rep * d;
+        let k0 = from * hkvd + kh * d;
+        sgemm(false, true, rep, keys, d, scale, &qd[q0..q0 + rep * d], d, &kd[k0..], hkvd, 0.0, &mut p, keys, Threads::One);
+        for row in p.chunks_mut(keys) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum = super::simd::exp_shifted_sum(row, max);
+            row.iter_mut().for_each(|x| *x /= sum);
+        }
+        sgemm(false, false, rep, d, keys, 1.0, &p, keys, &vd[k0..], hkvd, 0.0, o, d, Threads::One);
+    });
+    drop(guards);
+    cpu_tensor(out, (n, 1, hd))
+}
+
 /// The same computation from differentiable candle ops (materialises the scores).
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
     let (b, tq, h, d) = q.dims4()?;
@@ -332,6 +396,29 @@ impl AttentionOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_attention_equals_the_fused_attention_of_each_sequence() -> Result<()> {
+        use crate::model::ops::gradcheck::rand_tensor;
+        let (h, hkv, d) = (6, 2, 8);
+        let lens = [1usize, 7, 30, 12];
+        for window in [None, Some(5)] {
+            let q = rand_tensor(&[lens.len(), 1, h * d], 1)?;
+            let kv: Vec<(Tensor, Tensor)> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| Ok((rand_tensor(&[1, l, hkv * d], 10 + i as u64)?, rand_tensor(&[1, l, hkv * d], 20 + i as u64)?)))
+                .collect::<Result<_>>()?;
+            let got = decode_attention(&q, &kv, d, window)?;
+            let mask = AttentionMask { segments: None, sliding_window: window };
+            for (i, (k, v)) in kv.iter().enumerate() {
+                let want = attention_flat(&q.narrow(0, i, 1)?, k, v, d, &mask)?;
+                let diff = (got.narrow(0, i, 1)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "sequence {i}, window {window:?}: {diff}");
+            }
+        }
+        Ok(())
+    }
     use crate::model::ops::gradcheck::{assert_close, check_grads, rand_tensor};
 
     fn masks() -> Vec<(&'static str, AttentionMask)> {

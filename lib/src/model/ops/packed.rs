@@ -4,10 +4,10 @@
 //! traffic, not arithmetic. When a weight's exact values have a compact form (the
 //! blocks of a Q4_0 / Q4_1 / Q8_0 GGUF tensor, or bf16 from a bf16 checkpoint) this
 //! keeps that form and computes with exactly the values the dense f32 tensor holds
-//! (`q·d + m` per block, as candle's dequantiser defines them), in f32. Q4 blocks are
-//! summed as `d·Σq·x + m·Σx`: the same products grouped differently, so results equal the
-//! dense f32 product up to rounding order, while 3–6× fewer bytes are read. Used only for
-//! untracked single-row inputs on frozen weights.
+//! (`q·d + m` per block, as candle's dequantiser defines them), in f32: results equal the
+//! dense f32 product up to rounding order, while 3–6× fewer bytes are read. Several input
+//! rows (a batched decode step) share each expanded block, and a row's result does not
+//! depend on the batch it is in. Used only for untracked inputs on frozen weights.
 
 use super::gemm::num_threads;
 use anyhow::{Result, bail};
@@ -79,6 +79,9 @@ impl PackedWeight {
 
     /// bf16 copy of an f32 tensor whose values are exactly bf16 (from a bf16 checkpoint).
     pub fn from_bf16_exact(values: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if cols % QK != 0 {
+            return None;
+        }
         let v: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
         if v.iter().zip(values).any(|(b, &x)| b.to_f32().to_bits() != x.to_bits()) {
             return None;
@@ -106,87 +109,54 @@ impl PackedWeight {
         Self { data, rows: self.rows, cols: self.cols }
     }
 
-    /// `y = W·x` for one input row `x` (`cols` values); returns `rows` values.
+    /// `y = W·x` for one input row `x` (`cols` values); returns `rows` values. The same
+    /// computation as one row of [`matmul`](Self::matmul).
     pub fn matvec(&self, x: &[f32]) -> Vec<f32> {
-        use rayon::prelude::*;
-        assert_eq!(x.len(), self.cols, "packed matvec: input length");
-        let _t = super::profile::timer(match self.data {
-            Data::Bf16(_) => "packed bf16 matvec",
-            Data::Q8_0 { .. } => "packed q8_0 matvec",
-            _ => "packed q4 matvec",
-        });
-        let mut y = vec![0f32; self.rows];
-        // Σx over each block of 32: the offset term of every row's blocks is m·Σx.
-        let sx: Vec<f32> = x.chunks(QK).map(|c| c.iter().sum()).collect();
-        let run = |r0: usize, ys: &mut [f32]| {
-            let mut i = 0;
-            // Four rows at a time share the loads of x and hide each other's latencies.
-            while i + 4 <= ys.len() {
-                match self.rows4(r0 + i, x, &sx) {
-                    Some(v) => ys[i..i + 4].copy_from_slice(&v),
-                    None => break,
-                }
-                i += 4;
-            }
-            for (j, yv) in ys.iter_mut().enumerate().skip(i) {
-                *yv = self.row_dot(r0 + j, x, &sx);
-            }
-        };
-        // A layer's matrices take ~100 µs on one core: waking a second core costs more than it
-        // saves when that core is busy. Only the large LM head is split.
-        if num_threads() <= 1 || self.rows * self.cols < 1 << 22 {
-            run(0, &mut y);
-        } else {
-            // One contiguous share per thread: the rows stream from memory.
-            let chunk = self.rows.div_ceil(num_threads()).div_ceil(4) * 4;
-            y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| run(ci * chunk, ys));
-        }
-        y
+        self.matmul(x, 1)
     }
 
     /// `Y = X·Wᵀ` for `n` input rows `xs` (`[n, cols]` row-major); returns `[n, rows]`.
     ///
-    /// Each weight block is read once for all `n` inputs (a batched decode step costs
-    /// little more memory traffic than one row), and every output equals what
-    /// [`matvec`](Self::matvec) gives for that input row alone, bit for bit: the same
-    /// kernel computes each row (the 4-row kernel on rows below the last multiple of
-    /// four, the 1-row kernel on the rest), so a sequence's greedy text does not depend
-    /// on what it is batched with.
+    /// Each block of 32 weights is expanded to f32 once (`q·d + m`, exactly the values of
+    /// candle's dequantised tensor) and multiplied with all `n` inputs while it sits in
+    /// registers, so a batched decode step reads and expands the weights once for every
+    /// sequence. Every output is accumulated the same way whatever `n` is and wherever
+    /// the row falls in a tile (two 16-lane accumulators over the blocks, then one sum):
+    /// a row's result does not depend on what it is batched with, bit for bit.
     pub fn matmul(&self, xs: &[f32], n: usize) -> Vec<f32> {
         use rayon::prelude::*;
         assert_eq!(xs.len(), n * self.cols, "packed matmul: input length");
-        if n == 1 {
-            return self.matvec(xs);
-        }
-        let _t = super::profile::timer("packed matmul");
-        let inputs: Vec<(&[f32], Vec<f32>)> =
-            xs.chunks(self.cols).map(|x| (x, x.chunks(QK).map(|c| c.iter().sum()).collect())).collect();
-        let aligned = self.rows / 4 * 4;
-        // `out` holds rows r0.. of Wᵀ's result, weight-row-major: out[(r - r0)·n + j].
+        let _t = super::profile::timer(match self.data {
+            Data::Bf16(_) => "packed bf16 matmul",
+            Data::Q8_0 { .. } => "packed q8_0 matmul",
+            _ => "packed q4 matmul",
+        });
+        // out[(r − r0)·n + j] for the rows r0.. of one share.
         let run = |r0: usize, out: &mut [f32]| {
             let len = out.len() / n;
-            let mut i = 0;
-            while i + 4 <= len && r0 + i + 4 <= aligned {
-                for (j, (x, sx)) in inputs.iter().enumerate() {
-                    match self.rows4(r0 + i, x, sx) {
-                        Some(v) => (0..4).for_each(|k| out[(i + k) * n + j] = v[k]),
-                        None => (0..4).for_each(|k| out[(i + k) * n + j] = self.row_dot(r0 + i + k, x, sx)),
-                    }
+            let mut j0 = 0;
+            while j0 < n {
+                let jn = (n - j0).min(4);
+                match jn {
+                    1 => self.tiles::<4, 1>(r0, len, xs, j0, n, out),
+                    2 => self.tiles::<4, 2>(r0, len, xs, j0, n, out),
+                    3 => self.tiles::<2, 3>(r0, len, xs, j0, n, out),
+                    _ => self.tiles::<2, 4>(r0, len, xs, j0, n, out),
                 }
-                i += 4;
-            }
-            for r in i..len {
-                for (j, (x, sx)) in inputs.iter().enumerate() {
-                    out[r * n + j] = self.row_dot(r0 + r, x, sx);
-                }
+                j0 += jn;
             }
         };
         let mut t = vec![0f32; self.rows * n];
-        if num_threads() <= 1 || n * self.rows * self.cols < 1 << 22 {
+        // A small matrix takes ~100 µs on one core: waking a second core costs more than it
+        // saves when that core is busy. Larger products are split by rows.
+        if num_threads() <= 1 || n * self.rows * self.cols < 1 << 18 {
             run(0, &mut t);
         } else {
             let chunk = self.rows.div_ceil(num_threads()).div_ceil(4) * 4;
             t.par_chunks_mut(chunk * n).enumerate().for_each(|(ci, out)| run(ci * chunk, out));
+        }
+        if n == 1 {
+            return t;
         }
         let mut y = vec![0f32; n * self.rows];
         for r in 0..self.rows {
@@ -197,229 +167,204 @@ impl PackedWeight {
         y
     }
 
-    /// Rows `r..r+4` of a Q4 matrix with the 4-row kernel; `None` where it does not apply.
-    fn rows4(&self, r: usize, x: &[f32], sx: &[f32]) -> Option<[f32; 4]> {
+    /// Rows `r0..r0+len` against inputs `j0..j0+J`, `R` rows at a time, into
+    /// `out[(r − r0)·n + j]`.
+    fn tiles<const R: usize, const J: usize>(&self, r0: usize, len: usize, xs: &[f32], j0: usize, n: usize, out: &mut [f32]) {
+        assert!(out.len() >= len * n && r0 + len <= self.rows && (j0 + J) * self.cols <= xs.len());
+        let x: [&[f32]; J] = std::array::from_fn(|j| &xs[(j0 + j) * self.cols..(j0 + j + 1) * self.cols]);
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
-            let nb = self.cols / QK;
-            let bs = r * nb..(r + 4) * nb;
-            let (qs, d, m) = match &self.data {
-                Data::Q4_1 { qs, d, m } => (qs, d, Some(m)),
-                Data::Q4_0 { qs, d } => (qs, d, None),
-                _ => return None,
-            };
-            // SAFETY: AVX-512F is present; the four rows lie inside the matrix.
-            let mut v = unsafe { dot_q4_avx512_rows4(&qs[bs.start * 16..bs.end * 16], &d[bs.clone()], nb, x) };
-            for (i, vi) in v.iter_mut().enumerate() {
-                let rb = (r + i) * nb..(r + i + 1) * nb;
-                *vi += match m {
-                    Some(m) => m[rb].iter().zip(sx).map(|(a, b)| a * b).sum::<f32>(),
-                    None => d[rb].iter().zip(sx).map(|(a, b)| -8.0 * a * b).sum::<f32>(),
-                };
+            // SAFETY: AVX-512F is present; the rows, inputs and outputs are in bounds (asserted above).
+            unsafe {
+                match &self.data {
+                    Data::Q4_1 { qs, d, m } => kernel_q4_1::<R, J>(qs, d, m, self.cols, r0, len, &x, out, n, j0),
+                    Data::Q4_0 { qs, d } => kernel_q4_0::<R, J>(qs, d, self.cols, r0, len, &x, out, n, j0),
+                    Data::Q8_0 { qs, d } => kernel_q8_0::<R, J>(qs, d, self.cols, r0, len, &x, out, n, j0),
+                    Data::Bf16(v) => kernel_bf16::<R, J>(v, self.cols, r0, len, &x, out, n, j0),
+                }
             }
-            return Some(v);
+            return;
         }
-        let _ = (r, x, sx);
-        None
+        for (j, xj) in x.iter().enumerate() {
+            for i in 0..len {
+                out[i * n + j0 + j] = self.row_dot_portable(r0 + i, xj);
+            }
+        }
     }
 
-    fn row_dot(&self, r: usize, x: &[f32], sx: &[f32]) -> f32 {
+    /// Block `b` of row `r` as 32 f32 values (`q·d + m`, as candle dequantises).
+    fn block_values(&self, r: usize, b: usize) -> [f32; QK] {
         let nb = self.cols / QK;
-        let bs = r * nb..(r + 1) * nb;
+        let blk = r * nb + b;
+        let mut w = [0f32; QK];
         match &self.data {
-            Data::Bf16(v) => dot_bf16(&v[r * self.cols..(r + 1) * self.cols], x),
-            Data::Q4_1 { qs, d, m } => dot_q4(&qs[bs.start * 16..bs.end * 16], &d[bs.clone()], Some(&m[bs]), x, sx),
-            Data::Q4_0 { qs, d } => dot_q4(&qs[bs.start * 16..bs.end * 16], &d[bs], None, x, sx),
-            Data::Q8_0 { qs, d } => dot_q8(&qs[bs.start * 32..bs.end * 32], &d[bs], x),
+            Data::Q4_1 { qs, d, m } => {
+                for j in 0..QK / 2 {
+                    let q = qs[blk * 16 + j];
+                    w[j] = (q & 0x0F) as f32 * d[blk] + m[blk];
+                    w[j + 16] = (q >> 4) as f32 * d[blk] + m[blk];
+                }
+            }
+            Data::Q4_0 { qs, d } => {
+                for j in 0..QK / 2 {
+                    let q = qs[blk * 16 + j];
+                    w[j] = ((q & 0x0F) as i16 - 8) as f32 * d[blk];
+                    w[j + 16] = ((q >> 4) as i16 - 8) as f32 * d[blk];
+                }
+            }
+            Data::Q8_0 { qs, d } => {
+                for j in 0..QK {
+                    w[j] = (qs[blk * QK + j] as i8) as f32 * d[blk];
+                }
+            }
+            Data::Bf16(v) => {
+                for j in 0..QK {
+                    w[j] = v[r * self.cols + b * QK + j].to_f32();
+                }
+            }
         }
+        w
+    }
+
+    /// One row's product without SIMD: two 16-lane accumulators, as the AVX-512 kernel.
+    fn row_dot_portable(&self, r: usize, x: &[f32]) -> f32 {
+        let (mut a0, mut a1) = ([0f32; 16], [0f32; 16]);
+        for b in 0..self.cols / QK {
+            let w = self.block_values(r, b);
+            for k in 0..16 {
+                a0[k] += w[k] * x[b * QK + k];
+                a1[k] += w[k + 16] * x[b * QK + 16 + k];
+            }
+        }
+        a0.iter().zip(&a1).map(|(p, q)| p + q).sum()
     }
 
     /// The dense f32 values (for tests).
     pub fn to_f32(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        let mut unit = vec![0f32; self.cols];
         for r in 0..self.rows {
-            for c in 0..self.cols {
-                unit.iter_mut().for_each(|u| *u = 0.0);
-                unit[c] = 1.0;
-                let sx: Vec<f32> = unit.chunks(QK).map(|c| c.iter().sum()).collect();
-                out.push(self.row_dot(r, &unit, &sx));
+            for b in 0..self.cols / QK {
+                out.extend_from_slice(&self.block_values(r, b));
             }
         }
         out
     }
 }
 
-/// Σ w·x over blocks of nibbles, w = q·d + m (Q4_1) or (q − 8)·d (Q4_0), computed as
-/// Σ_b d_b·(Σ q·x) + m_b·(Σ x): the same weights, one rounding order among others.
-fn dot_q4(qs: &[u8], d: &[f32], m: Option<&[f32]>, x: &[f32], sx: &[f32]) -> f32 {
-    // Offset term: m_b·Σx_b (Q4_1) or −8·d_b·Σx_b (Q4_0).
-    let offset: f32 = match m {
-        Some(m) => m.iter().zip(sx).map(|(a, b)| a * b).sum(),
-        None => d.iter().zip(sx).map(|(a, b)| -8.0 * a * b).sum(),
-    };
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked above).
-        return unsafe { dot_q4_avx512(qs, d, x) } + offset;
-    }
-    let mut acc = [0f32; QK];
-    for (b, &db) in d.iter().enumerate() {
-        for j in 0..QK / 2 {
-            let q = qs[b * 16 + j];
-            acc[j] += db * ((q & 0x0F) as f32 * x[b * QK + j]);
-            acc[j + 16] += db * ((q >> 4) as f32 * x[b * QK + j + 16]);
-        }
-    }
-    acc.iter().sum::<f32>() + offset
+/// The 32 nibbles of a block as two vectors of 16 integers in f32 (low nibbles, high nibbles).
+#[cfg(target_arch = "x86_64")]
+macro_rules! nibbles {
+    ($p:expr) => {{
+        let q = _mm512_cvtepu8_epi32(_mm_loadu_si128($p as *const __m128i));
+        (_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0x0F))), _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)))
+    }};
 }
 
-/// Σ_b d_b·Σ_j q_bj·x_bj over blocks of nibbles.
+/// Kernels, one per block format: `R` rows (the first `nrows` real) times `J` inputs;
+/// each block of each row is expanded once (by `$expand`, which sees the block index
+/// `blk`, the row `row` and the block `b` in it) and multiplied into every input's two
+/// accumulators. Written as a macro so that the expansion is inlined into the loop (a
+/// call would spill every accumulator). Pointer and index arithmetic is wrapping: the
+/// crate builds with overflow and precondition checks, which would otherwise run in the
+/// innermost loop.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc0 = _mm512_setzero_ps();
-    let mut acc1 = _mm512_setzero_ps();
-    let mask = _mm512_set1_epi32(0x0F);
-    // SAFETY: block b reads qs[16b..16b+16] and x[32b..32b+32], in bounds by construction.
-    unsafe {
-        for b in 0..d.len() {
-            // The rows stream from memory: ask for the blocks a few iterations ahead (one
-            // cache line of nibbles per 4 blocks, of scales per 16).
-            if b % 4 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(qs.as_ptr().wrapping_add((b + 32) * 16) as *const i8);
-            }
-            if b % 16 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(d.as_ptr().wrapping_add(b + 64) as *const i8);
-            }
-            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i));
-            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, mask));
-            let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-            let db = _mm512_set1_ps(*d.get_unchecked(b));
-            let xp = x.as_ptr().add(b * QK);
-            acc0 = _mm512_fmadd_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(xp)), db, acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(xp.add(16))), db, acc1);
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
-    }
-}
-
-/// [`dot_q4_avx512`] for four consecutive rows of `nb` blocks each.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_q4_avx512_rows4(qs: &[u8], d: &[f32], nb: usize, x: &[f32]) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-    let mask = _mm512_set1_epi32(0x0F);
-    // SAFETY: row i, block b reads qs[16(i·nb+b)..+16], d[i·nb+b] and x[32b..32b+32], all in bounds.
-    unsafe {
-        for b in 0..nb {
-            let xp = x.as_ptr().add(b * QK);
-            let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
-            for (i, a) in acc.iter_mut().enumerate() {
-                let blk = i * nb + b;
-                if b % 4 == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(qs.as_ptr().wrapping_add((blk + 4 * nb) * 16) as *const i8);
+macro_rules! block_kernel {
+    ($name:ident, ($($arg:ident: $ty:ty),*), |$blk:ident, $row:ident, $b:ident| $expand:block) => {
+        #[target_feature(enable = "avx512f")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const R: usize, const J: usize>($($arg: $ty,)* cols: usize, r0: usize, len: usize, x: &[&[f32]; J], out: &mut [f32], n: usize, j0: usize) {
+            use std::arch::x86_64::*;
+            let nb = cols / QK;
+            let xp: [*const f32; J] = std::array::from_fn(|j| x[j].as_ptr());
+            let o = out.as_mut_ptr();
+            let mut t = 0;
+            // SAFETY: block b of row r0 + t + i (t + i < len) is in the matrix; each x holds
+            // nb·32 values; out holds len·n values.
+            unsafe {
+                while t < len {
+                    let nrows = if len - t < R { len - t } else { R };
+                    let r = r0.wrapping_add(t);
+                    let mut acc = [[[_mm512_setzero_ps(); 2]; R]; J];
+                    for $b in 0..nb {
+                        let mut wb = [[_mm512_setzero_ps(); 2]; R];
+                        for i in 0..R {
+                            if i < nrows {
+                                let $row = r.wrapping_add(i);
+                                let $blk = $row.wrapping_mul(nb).wrapping_add($b);
+                                wb[i] = $expand;
+                            }
+                        }
+                        for j in 0..J {
+                            let p = xp[j].wrapping_add($b.wrapping_mul(QK));
+                            let x0 = _mm512_loadu_ps(p);
+                            let x1 = _mm512_loadu_ps(p.wrapping_add(16));
+                            for i in 0..R {
+                                acc[j][i][0] = _mm512_fmadd_ps(wb[i][0], x0, acc[j][i][0]);
+                                acc[j][i][1] = _mm512_fmadd_ps(wb[i][1], x1, acc[j][i][1]);
+                            }
+                        }
+                    }
+                    for j in 0..J {
+                        for i in 0..R {
+                            if i < nrows {
+                                let v = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][i][0], acc[j][i][1]));
+                                *o.wrapping_add(t.wrapping_add(i).wrapping_mul(n).wrapping_add(j0 + j)) = v;
+                            }
+                        }
+                    }
+                    t = t.wrapping_add(nrows);
                 }
-                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr().add(blk * 16) as *const __m128i));
-                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, mask));
-                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-                let db = _mm512_set1_ps(*d.get_unchecked(blk));
-                a[0] = _mm512_fmadd_ps(_mm512_mul_ps(lo, x0), db, a[0]);
-                a[1] = _mm512_fmadd_ps(_mm512_mul_ps(hi, x1), db, a[1]);
             }
         }
-        acc.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])))
-    }
-}
-
-/// Σ w·x over blocks of signed bytes, w = q·d.
-fn dot_q8(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked above).
-        return unsafe { dot_q8_avx512(qs, d, x) };
-    }
-    let mut acc = [0f32; QK];
-    for (b, &db) in d.iter().enumerate() {
-        for j in 0..QK {
-            acc[j] += ((qs[b * QK + j] as i8) as f32 * db) * x[b * QK + j];
-        }
-    }
-    acc.iter().sum()
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_q8_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc0 = _mm512_setzero_ps();
-    let mut acc1 = _mm512_setzero_ps();
-    // SAFETY: block b reads qs[32b..32b+32] and x[32b..32b+32], in bounds by construction.
-    unsafe {
-        for b in 0..d.len() {
-            if b % 2 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(qs.as_ptr().wrapping_add((b + 32) * QK) as *const i8);
-            }
-            if b % 16 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>(d.as_ptr().wrapping_add(b + 64) as *const i8);
-            }
-            let p = qs.as_ptr().add(b * QK);
-            let db = _mm512_set1_ps(*d.get_unchecked(b));
-            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))), db);
-            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i))), db);
-            let xp = x.as_ptr().add(b * QK);
-            acc0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc0);
-            acc1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc1);
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+block_kernel!(kernel_q4_1, (qs: &[u8], d: &[f32], m: &[f32]), |blk, row, b| {
+    let q = qs.as_ptr().wrapping_add(blk.wrapping_mul(16));
+    if b & 3 == 0 {
+        _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(256) as *const i8);
     }
-}
-
-fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked above).
-        return unsafe { dot_bf16_avx512(w, x) };
-    }
-    let mut acc = [0f32; 16];
-    let n = w.len() / 16 * 16;
-    for i in (0..n).step_by(16) {
-        for j in 0..16 {
-            acc[j] += w[i + j].to_f32() * x[i + j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in n..w.len() {
-        s += w[i].to_f32() * x[i];
-    }
-    s
-}
+    let (lo, hi) = nibbles!(q);
+    let (dv, mv) = (_mm512_set1_ps(*d.as_ptr().wrapping_add(blk)), _mm512_set1_ps(*m.as_ptr().wrapping_add(blk)));
+    let _ = row;
+    [_mm512_add_ps(_mm512_mul_ps(lo, dv), mv), _mm512_add_ps(_mm512_mul_ps(hi, dv), mv)]
+});
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_bf16_avx512(w: &[bf16], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = w.len();
-    let mut acc = _mm512_setzero_ps();
-    let mut i = 0;
-    // SAFETY: loads stay below n.
-    unsafe {
-        while i + 16 <= n {
-            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i));
-            let f = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-            acc = _mm512_fmadd_ps(f, _mm512_loadu_ps(x.as_ptr().add(i)), acc);
-            i += 16;
-        }
-        let mut s = _mm512_reduce_add_ps(acc);
-        while i < n {
-            s += w[i].to_f32() * x[i];
-            i += 1;
-        }
-        s
+block_kernel!(kernel_q4_0, (qs: &[u8], d: &[f32]), |blk, row, b| {
+    let q = qs.as_ptr().wrapping_add(blk.wrapping_mul(16));
+    if b & 3 == 0 {
+        _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(256) as *const i8);
     }
-}
+    let (lo, hi) = nibbles!(q);
+    let (dv, eight) = (_mm512_set1_ps(*d.as_ptr().wrapping_add(blk)), _mm512_set1_ps(8.0));
+    let _ = row;
+    [_mm512_mul_ps(_mm512_sub_ps(lo, eight), dv), _mm512_mul_ps(_mm512_sub_ps(hi, eight), dv)]
+});
+
+#[cfg(target_arch = "x86_64")]
+block_kernel!(kernel_q8_0, (qs: &[u8], d: &[f32]), |blk, row, b| {
+    let p = qs.as_ptr().wrapping_add(blk.wrapping_mul(QK));
+    if b & 1 == 0 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(512) as *const i8);
+    }
+    let dv = _mm512_set1_ps(*d.as_ptr().wrapping_add(blk));
+    let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)));
+    let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.wrapping_add(16) as *const __m128i)));
+    let _ = row;
+    [_mm512_mul_ps(w0, dv), _mm512_mul_ps(w1, dv)]
+});
+
+#[cfg(target_arch = "x86_64")]
+block_kernel!(kernel_bf16, (v: &[bf16]), |blk, row, b| {
+    // Rows of whole blocks: block `blk` starts at value blk·32.
+    let _ = (row, b);
+    let p = v.as_ptr().wrapping_add(blk.wrapping_mul(QK)) as *const __m256i;
+    let h0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p));
+    let h1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.wrapping_add(1)));
+    [_mm512_castsi512_ps(_mm512_slli_epi32(h0, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(h1, 16))]
+});
 
 #[cfg(test)]
 mod tests {
@@ -460,6 +405,14 @@ mod tests {
             let dense = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
             let p = PackedWeight::from_qtensor(&q)?.expect("supported type");
             assert_eq!(p.to_f32(), dense, "{dt:?}: expanded values are bit-identical");
+            // The kernel expands blocks to the same values: unit inputs pick them out exactly.
+            let eye: Vec<f32> = (0..cols * cols).map(|i| if i / cols == i % cols { 1.0 } else { 0.0 }).collect();
+            let picked = p.matmul(&eye, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(picked[c * rows + r], dense[r * cols + c], "{dt:?} ({r}, {c})");
+                }
+            }
             let y = p.matvec(&x);
             for r in 0..rows {
                 let want: f32 = (0..cols).map(|c| dense[r * cols + c] * x[c]).sum();
@@ -485,33 +438,25 @@ mod speed {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    /// `cargo test ... packed_speed -- --ignored --nocapture`
+    /// `cargo test ... packed_speed -- --ignored --nocapture`: weights·inputs per second
+    /// for one input row and for a batch of 8.
     #[test]
     #[ignore = "benchmark"]
     fn packed_speed() -> Result<()> {
         let (rows, cols) = (1536, 576);
         let t = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
-        let x: Vec<f32> = (0..cols).map(|i| (i as f32).sin()).collect();
         for dt in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let p = PackedWeight::from_qtensor(&QTensor::quantize(&t, dt)?)?.unwrap();
-            let n = 300;
-            let s = std::time::Instant::now();
-            for _ in 0..n {
-                std::hint::black_box(p.matvec(&x));
-            }
-            let el = s.elapsed().as_secs_f64();
-            let sx: Vec<f32> = x.chunks(QK).map(|c| c.iter().sum()).collect();
-            let s1 = std::time::Instant::now();
-            for _ in 0..n {
-                let mut y = vec![0f32; rows];
-                for (r, v) in y.iter_mut().enumerate() {
-                    *v = p.row_dot(r, &x, &sx);
+            for batch in [1, 8] {
+                let xs: Vec<f32> = (0..batch * cols).map(|i| (i as f32).sin()).collect();
+                let n = 300;
+                let s = std::time::Instant::now();
+                for _ in 0..n {
+                    std::hint::black_box(p.matmul(&xs, batch));
                 }
-                std::hint::black_box(y);
+                let w = (n * rows * cols * batch) as f64;
+                println!("{dt:?}, {batch} rows: {:.2} G multiply-adds/s", w / s.elapsed().as_secs_f64() / 1e9);
             }
-            let el1 = s1.elapsed().as_secs_f64();
-            let w = (n * rows * cols) as f64;
-            println!("{dt:?}: {:.2} Gweights/s parallel, {:.2} single thread", w / el / 1e9, w / el1 / 1e9);
         }
         Ok(())
     }

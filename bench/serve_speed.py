@@ -1,0 +1,144 @@
+"""Serving speed on SmolLM2-135M-Instruct (Q4_1 GGUF, 2 threads): `tunebook serve` through
+HTTP (the official `openai` client, streaming) against llama.cpp on the same GGUF and
+thread count (through node-llama-cpp, bench/llamacpp_ref.mjs), in the same run.
+
+    bash bench/llamacpp_setup.sh          # once: prebuilt llama.cpp into ~/.cache/tunebook
+    .venv/bin/python bench/serve_speed.py [--runs 3] [--gen 64] [--prompt-tokens 128]
+
+Prints, with medians over --runs and ratios:
+  * single-stream greedy decode tok/s (goal >= 1.0x llama.cpp),
+  * aggregate decode tok/s of 8 concurrent streams (goal >= 3x our single stream and
+    >= 1.0x llama.cpp with 8 sequences), and time to first token p50/p95 under that load,
+  * decode tok/s of an unmerged rank-16 adapter on all seven projections vs the base
+    (goal >= 0.85x).
+Decode tok/s of a stream = (tokens - 1) / (time of its last token - time of its first):
+prefill is reported separately as time to first token, as llama.cpp's script does.
+Run it on an idle machine: a build alongside makes every number meaningless.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from peft_adapter import write_adapter  # noqa: E402
+
+import openai  # noqa: E402
+
+GGUF = os.environ.get("TUNEBOOK_SMOLLM2_GGUF", os.path.expanduser("~/.cache/tunebook/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+TEXT = ("The history of computing is a story of people finding ways to make machines do arithmetic, store information, "
+        "and communicate. Early mechanical calculators gave way to electronic computers, and the transistor made them "
+        "small and cheap enough for every office and home. ")
+
+
+def llamacpp(threads, prompt_tokens, gen, sequences):
+    out = subprocess.run(["node", os.path.join(ROOT, "bench/llamacpp_ref.mjs"), "--model", GGUF, "--threads", str(threads),
+                          "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen), "--sequences", str(sequences)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"llama.cpp reference failed (run bash bench/llamacpp_setup.sh first):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def stream_one(client, model, prompt, gen, out, i):
+    t0 = time.perf_counter()
+    times = []
+    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=gen, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True}):
+        if chunk.choices and chunk.choices[0].text:
+            times.append(time.perf_counter())
+    # Each chunk carries one token's text except where UTF-8 or a stop string holds text back;
+    # the count is the request's `max_tokens` (EOS ignored).
+    out[i] = {"ttft": times[0] - t0, "decode_tok_s": (gen - 1) / (times[-1] - times[0]), "start": t0, "end": times[-1], "times": times}
+
+
+def concurrent(client, model, prompt, gen, n):
+    out = [None] * n
+    threads = [threading.Thread(target=stream_one, args=(client, model, prompt, gen, out, i)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Aggregate decode rate: tokens per second while every stream is decoding (from the
+    # last stream's first token to the first stream's end), as llama.cpp's figure counts
+    # decode steps only; and over the whole run, prefills included.
+    t0, t1 = max(o["times"][0] for o in out), min(o["end"] for o in out)
+    steady = sum(sum(1 for t in o["times"] if t0 < t <= t1) for o in out) / (t1 - t0) if t1 > t0 else float("nan")
+    whole = n * gen / (max(o["end"] for o in out) - min(o["start"] for o in out))
+    return out, steady, whole
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    with tempfile.TemporaryDirectory() as d:
+        write_adapter(os.path.join(d, "r16"), GGUF, rank=16, seed=3, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        proc = subprocess.Popen(["tunebook", "serve", GGUF, "--served-model-name", "smol", "--adapter", f"r16={d}/r16",
+                                 "--max-concurrency", str(args.streams)], stdout=subprocess.PIPE, text=True, env=env)
+        url = None
+        for line in proc.stdout:
+            if "ready at " in line:
+                url = line.split("ready at ", 1)[1].strip()
+                break
+        if url is None:
+            sys.exit("tunebook serve did not start")
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        # A prompt of about --prompt-tokens tokens: scale a word count, then step it.
+        count = lambda text: client.completions.create(model="smol", prompt=text, max_tokens=1).usage.prompt_tokens
+        words = (TEXT * 20).split(" ")
+        k = int(args.prompt_tokens * len(TEXT.split(" ")) / count(TEXT))
+        while count(" ".join(words[:k])) > args.prompt_tokens:
+            k -= 1
+        while count(" ".join(words[: k + 1])) <= args.prompt_tokens:
+            k += 1
+        prompt = " ".join(words[:k])
+        ptoks = client.completions.create(model="smol", prompt=prompt, max_tokens=1).usage.prompt_tokens
+        single, ad16, agg, whole, ttfts = [], [], [], [], []
+        for _ in range(args.runs):
+            o = [None]
+            stream_one(client, "smol", prompt, args.gen, o, 0)
+            single.append(o[0]["decode_tok_s"])
+            stream_one(client, "r16", prompt, args.gen, o, 0)
+            ad16.append(o[0]["decode_tok_s"])
+            out, rate, w = concurrent(client, "smol", prompt, args.gen, args.streams)
+            agg.append(rate)
+            whole.append(w)
+            ttfts += [x["ttft"] for x in out]
+        proc.terminate()
+        proc.wait(30)
+    ref = llamacpp(args.threads, args.prompt_tokens, args.gen, args.streams)
+    med = statistics.median
+    s, a, r = med(single), med(agg), med(ad16)
+    ls, la = ref["single"]["decode_tok_s"], ref["multi"]["aggregate_decode_tok_s"]
+    print(f"SmolLM2-135M Q4_1, {args.threads} threads, prompt {ptoks} tokens, {args.gen} new tokens, {args.runs} runs (medians)")
+    print(f"{'':40s}{'tunebook serve':>16s}{'llama.cpp':>12s}{'ratio':>8s}")
+    print(f"{'single-stream decode tok/s':40s}{s:16.1f}{ls:12.1f}{s / ls:8.2f}   goal >= 1.0")
+    print(f"{f'{args.streams} streams aggregate decode tok/s':40s}{a:16.1f}{la:12.1f}{a / la:8.2f}   goal >= 1.0")
+    print(f"{f'{args.streams} streams vs our single stream':40s}{a / s:16.2f}{la / ls:12.2f}{'':8s}   goal >= 3.0 (ours)")
+    print(f"{f'{args.streams} streams tok/s incl. prefill (wall)':40s}{med(whole):16.1f}")
+    print(f"{'TTFT p50 / p95 under load (ms)':40s}{1000 * pct(ttfts, 50):9.0f} / {1000 * pct(ttfts, 95):4.0f}"
+          f"{ref['multi']['ttft_ms']:12.0f}   (llama.cpp: all {args.streams} prompts prefilled together)")
+    print(f"{'rank-16 adapter (7 projections) tok/s':40s}{r:16.1f}{'':12s}{r / s:8.2f}   goal >= 0.85 of base")
+    print(json.dumps({"single": single, "aggregate": agg, "aggregate_wall": whole, "adapter_r16": ad16, "ttft_s": ttfts, "prompt_tokens": ptoks,
+                      "llamacpp": {"single": ls, "aggregate": la, "ttft_ms": ref["multi"]["ttft_ms"], "versions": ref["versions"]}}))
+
+
+if __name__ == "__main__":
+    main()
