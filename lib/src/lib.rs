@@ -39,6 +39,7 @@ pub mod prelude {
         GenerationConfig, LlamaConfig, LlamaModel, Lora, Model, Packing, default_device,
     };
     pub use crate::registry::Registry;
+    pub use crate::serve::{Endpoint, Serve};
     pub use crate::tokenize::{Message, Tokenizer};
     pub use crate::mlflow::MlflowClient;
     pub use crate::train::{self, FineTune, Run, Status, TrainConfig};

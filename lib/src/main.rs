@@ -82,6 +82,9 @@ enum Command {
         /// Most prompt + completion tokens (default: the model's context length).
         #[arg(long)]
         max_model_len: Option<usize>,
+        /// Record the URL in this folder once ready (used by notebook endpoints).
+        #[arg(long, hide = true)]
+        endpoint_dir: Option<std::path::PathBuf>,
     },
     /// Fine-tune: `train CONFIG.toml` runs here with a progress bar (`--detach`: in a
     /// background worker); `train --run-dir DIR` runs or resumes the run in DIR.
@@ -298,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_adapter_updates,
             served_model_name,
             max_model_len,
+            endpoint_dir,
         } => {
             tunebook::serve::run_serve_cli(tunebook::serve::ServeArgs {
                 model,
@@ -311,6 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 allow_adapter_updates,
                 served_model_name,
                 max_model_len,
+                endpoint_dir,
             })?;
         }
         Command::Train { config, run_dir, detach } => {

@@ -481,3 +481,28 @@ mod tests {
         assert!(e.contains("status.json") && e.contains("damaged"), "{e}");
     }
 }
+
+/// The `tunebook` executable a worker runs: `$TUNEBOOK_BIN`, this executable
+/// when it is `tunebook`, one beside it, or the first on `PATH`.
+pub fn tunebook_binary() -> Result<PathBuf> {
+    if let Some(b) = std::env::var_os("TUNEBOOK_BIN") {
+        return Ok(PathBuf::from(b));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "tunebook") {
+            return Ok(exe);
+        }
+        if let Some(sib) = exe.parent().map(|d| d.join("tunebook")).filter(|p| p.is_file()) {
+            return Ok(sib);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join("tunebook");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("cannot find the `tunebook` executable for a background worker: set TUNEBOOK_BIN to its path (e.g. target/debug/tunebook)")
+}

@@ -10,6 +10,7 @@
 //!   keys, `x-request-id`, SSE streaming.
 //! * `api`: the OpenAI wire format and its error envelope.
 //! * [`table`]: the Delta inference table.
+//! * [`Endpoint`]: the notebook handle: `tunebook serve` as a background worker.
 //!
 //! Prompts go through the model's own chat template ([`crate::tokenize::Tokenizer::encode_chat`],
 //! the code path training used) and text through [`crate::model::TextStream`] (the code
@@ -25,11 +26,13 @@
 //! ```
 
 pub mod api;
+pub mod endpoint;
 mod engine;
 mod http;
 pub mod metrics;
 pub mod table;
 
+pub use endpoint::{Endpoint, EndpointBuilder};
 pub use engine::EngineLimits;
 
 use crate::model::{AdapterWeights, Model};
@@ -313,6 +316,8 @@ pub struct ServeArgs {
     pub allow_adapter_updates: bool,
     pub served_model_name: Option<String>,
     pub max_model_len: Option<usize>,
+    /// Record the URL here once ready (the worker of an [`Endpoint`]).
+    pub endpoint_dir: Option<PathBuf>,
 }
 
 /// Runs `tunebook serve` in the foreground: prints the base URL once ready.
@@ -343,6 +348,9 @@ pub fn run_serve_cli(args: ServeArgs) -> Result<()> {
         s = s.max_model_len(n);
     }
     eprintln!("tunebook serve: loading {}", args.model);
+    if let Some(dir) = &args.endpoint_dir {
+        return s.run_as_endpoint(dir);
+    }
     s.run(|url| {
         use std::io::Write;
         println!("tunebook serve: ready at {url}");
