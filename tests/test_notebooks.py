@@ -1,7 +1,10 @@
 """Tutorial notebooks executed headless by nbconvert on the tunebook kernel."""
 
+import json
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -70,8 +73,17 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
     # A short run keeps CI fast; the quickstart trains for a full epoch.
     monkeypatch.setenv("TUNEBOOK_SAMPLE_DURATION", "10ba")
     monkeypatch.setenv("TUNEBOOK_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("TUNEBOOK_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    nb = run_notebook("01-finetune.ipynb", tmp_path)
+    try:
+        nb = run_notebook("01-finetune.ipynb", tmp_path)
+    finally:
+        # An endpoint the notebook started and did not stop (a failed cell) must not outlive the test.
+        for f in (tmp_path / "home" / "endpoints").glob("*/endpoint.json"):
+            try:
+                os.kill(json.loads(f.read_text())["pid"], signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
     cells = outputs_by_tag(nb)
 
     assert "<table>" in cells["data"][-1]["data"]["text/html"]
@@ -91,6 +103,18 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
 
     answer = cells["query"][-1]["data"]["text/plain"]
     assert "2024-05" in answer, answer
+
+    # Served: the base model and the registered adapter side by side, and the official
+    # OpenAI Python client against the same endpoint.
+    shown = cells["serve"][-1]["data"]["text/plain"]
+    assert "serving" in shown and "http://127.0.0.1:" in shown and "smol, dates" in shown, shown
+    chat = cells["serve-chat"][-1]["data"]["text/plain"].strip('"').replace("\\n", "\n")
+    lines = dict(l.split(": ", 1) for l in chat.splitlines())
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", lines["fine-tuned"]), chat
+    assert lines["fine-tuned"] == lines["in this process"], "the served adapter answers as the merged model does"
+    assert lines["base"] != lines["fine-tuned"], chat
+    assert lines["fine-tuned"] in cells["openai"][-1]["data"]["text/plain"]
+    assert "running endpoints: 0" in cells["serve-stop"][-1]["data"]["text/plain"]
 
     # Registered in MLflow and loaded back from the registry by name/version.
     served = cells["registry"][-1]["data"]["text/plain"]

@@ -289,9 +289,14 @@ impl Endpoint {
         Ok(req.send().with_context(|| format!("GET {root}{path}"))?)
     }
 
-    /// Asks the base model one question (a user message) and returns the reply.
+    /// Asks the base model one question (a user message, greedy) and returns the reply.
     pub fn chat(&self, message: &str) -> Result<String> {
-        self.chat_with(self.name(), &[crate::tokenize::Message::user(message)], json!({}))
+        self.chat_as(self.name(), message)
+    }
+
+    /// Asks `model` (the endpoint's name or one of its adapters) one question, greedy.
+    pub fn chat_as(&self, model: &str, message: &str) -> Result<String> {
+        self.chat_with(model, &[crate::tokenize::Message::user(message)], json!({"temperature": 0}))
     }
 
     /// A chat completion with `model` (the endpoint's name or an adapter's), `messages`
