@@ -306,3 +306,53 @@ def test_a_server_killed_mid_load_leaves_a_readable_inference_table(tmp_path):
     for r in rows:
         assert r["status_code"] == 200
         assert json.loads(r["response"])["choices"][0]["message"]["content"] is not None
+
+
+def test_adapters_load_and_unload_at_run_time_and_a_full_queue_gets_429(tmp_path):
+    write_adapter(str(tmp_path / "late"), GGUF, rank=8, seed=5)
+    # An adapter for another model: q_proj of the wrong width.
+    bad = tmp_path / "bad"
+    write_adapter(str(bad), GGUF, rank=8, seed=6)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
+    s = Server([GGUF, "--served-model-name", "smol", "--allow-adapter-updates", "--max-concurrency", "1", "--max-queue", "1"])
+    try:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0, timeout=60)
+        ask = lambda model: c.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=12, temperature=0)
+        with pytest.raises(openai.NotFoundError):
+            ask("late")
+        r = httpx.post(f"{s.url}/load_lora_adapter", json={"lora_name": "late", "lora_path": str(tmp_path / "late")})
+        assert r.status_code == 200 and "late" in r.text, r.text
+        assert {m.id for m in c.models.list().data} == {"smol", "late"}
+        assert ask("late").choices[0].message.content != ask("smol").choices[0].message.content
+        r = httpx.post(f"{s.url}/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(bad)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
+        assert "lora_A" in r.json()["error"]["message"] and "expected" in r.json()["error"]["message"], r.text
+        r = httpx.post(f"{s.url}/load_lora_adapter", json={"lora_name": "late", "lora_path": str(tmp_path / "late")})
+        assert r.status_code == 400, "a name is served once"
+        assert httpx.post(f"{s.url}/unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            ask("late")
+        # One running, one queued: the rest are told to come back later.
+        def slow(i):
+            try:
+                c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=40,
+                                          extra_body={"ignore_eos": True})
+                return "ok"
+            except openai.RateLimitError as e:
+                assert e.response.headers["retry-after"] == "1"
+                return "429"
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(slow, range(6)))
+        assert outcomes.count("ok") >= 2 and outcomes.count("429") >= 1, outcomes
+        assert "Paris" in ask("smol").choices[0].message.content, "the server goes on after refusing"
+    finally:
+        s.stop()
+
+    # Without --allow-adapter-updates the routes are refused.
+    s = Server([GGUF, "--served-model-name", "smol"])
+    try:
+        r = httpx.post(f"{s.url}/load_lora_adapter", json={"lora_name": "late", "lora_path": str(tmp_path / "late")})
+        assert r.status_code == 403 and "--allow-adapter-updates" in r.json()["error"]["message"]
+    finally:
+        assert s.stop() == 0

@@ -299,7 +299,55 @@ pub fn read_adapter(model: &Model, source: &str) -> Result<AdapterWeights> {
     let Some(adir) = found else {
         bail!("{}: no adapter_config.json (an adapter is a PEFT folder: adapter_config.json + adapter_model.safetensors)", dir.display());
     };
-    model.llama.read_adapter(&adir)
+    let weights = model.llama.read_adapter(&adir)?;
+    // Shapes and names are checked; a base of the same shape but other weights (a base
+    // model vs its instruct version) is not detectable from shapes: say so when the names differ.
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adir.join("adapter_config.json"))?).unwrap_or_default();
+    if let (Some(want), Some(src)) = (cfg["base_model_name_or_path"].as_str(), &model.source) {
+        let have = match src {
+            crate::model::ModelSource::HfDir(d) => d.display().to_string(),
+            crate::model::ModelSource::Gguf(p) => p.display().to_string(),
+        };
+        if !same_model_name(want, &have) {
+            eprintln!(
+                "tunebook serve: warning: adapter {source} was trained on {want:?}, and the served model is {have:?}; \
+                 their shapes match, but if the weights differ its answers will be wrong"
+            );
+        }
+    }
+    Ok(weights)
+}
+
+/// Whether two model references name the same model: the last path component, lower
+/// case, without `.gguf`, a quantization suffix (`.Q4_1`, `-f16`) or `-GGUF`.
+fn same_model_name(a: &str, b: &str) -> bool {
+    fn norm(s: &str) -> String {
+        let last = s.trim_end_matches('/').rsplit('/').next().unwrap_or(s).to_lowercase();
+        let mut t = last.trim_end_matches(".gguf").trim_end_matches("-gguf").to_string();
+        if let Some(i) = t.rfind(['.', '-']) {
+            let suffix = &t[i + 1..];
+            let quant = suffix.starts_with('q') && suffix[1..].starts_with(|c: char| c.is_ascii_digit())
+                || ["f16", "f32", "bf16"].contains(&suffix);
+            if quant {
+                t.truncate(i);
+            }
+        }
+        t
+    }
+    let (a, b) = (norm(a), norm(b));
+    a.is_empty() || b.is_empty() || a == b
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn model_names_match_across_paths_hub_ids_and_quantizations() {
+        use super::same_model_name as same;
+        assert!(same("HuggingFaceTB/SmolLM2-135M-Instruct", "/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert!(same("/runs/x/model/", "/runs/x/model"));
+        assert!(same("Qwen/Qwen2-0.5B-Instruct-GGUF", "qwen2-0.5b-instruct-f16.gguf"));
+        assert!(!same("HuggingFaceTB/SmolLM2-135M", "/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    }
 }
 
 /// Settings of `tunebook serve`.
