@@ -85,6 +85,10 @@ enum Command {
         /// Record the URL in this folder once ready (used by notebook endpoints).
         #[arg(long, hide = true)]
         endpoint_dir: Option<std::path::PathBuf>,
+        /// Multiply Q4 weights with activations rounded to 8 bits, as llama.cpp does:
+        /// faster (most of all with many concurrent requests), no longer exact.
+        #[arg(long)]
+        int8_activations: bool,
     },
     /// Fine-tune: `train CONFIG.toml` runs here with a progress bar (`--detach`: in a
     /// background worker); `train --run-dir DIR` runs or resumes the run in DIR.
@@ -302,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             served_model_name,
             max_model_len,
             endpoint_dir,
+            int8_activations,
         } => {
             tunebook::serve::run_serve_cli(tunebook::serve::ServeArgs {
                 model,
@@ -316,6 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 served_model_name,
                 max_model_len,
                 endpoint_dir,
+                int8_activations,
             })?;
         }
         Command::Train { config, run_dir, detach } => {

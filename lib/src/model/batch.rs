@@ -244,7 +244,8 @@ impl LlamaModel {
         let Some(p) = self.packed.get(&w.id()) else { return Ok(None) };
         let k = x.dim(candle_core::D::Minus1)?;
         let n = x.elem_count() / k;
-        let y = p.matmul(&x.flatten_all()?.to_vec1::<f32>()?, n);
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let y = if self.int8_activations { p.matmul_int8(&xs, n) } else { p.matmul(&xs, n) };
         let mut dims = x.dims().to_vec();
         *dims.last_mut().context("packed rows: a scalar input")? = p.dims().0;
         Ok(Some(Tensor::from_vec(y, dims, &Device::Cpu)?))

@@ -257,6 +257,8 @@ pub struct LlamaModel {
     /// Compact exact copies of frozen weights for decoding, keyed by the dense tensor they
     /// mirror (a weight replaced or made trainable has a new id and is no longer mirrored).
     pub(super) packed: Arc<HashMap<TensorId, Arc<PackedWeight>>>,
+    /// Decode steps round activations to 8 bits for Q4 weights ([`set_int8_activations`](Self::set_int8_activations)).
+    pub(super) int8_activations: bool,
 }
 
 impl LlamaModel {
@@ -311,7 +313,7 @@ impl LlamaModel {
         let norm = load("model.norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings { None } else { Some(load("lm_head.weight", &[v, h])?) };
         let rope = RopeTable::new(&config);
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype, packed: Arc::new(HashMap::new()) })
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, device: device.clone(), dtype, packed: Arc::new(HashMap::new()), int8_activations: false })
     }
 
     /// Registers compact decode copies for the tensors named (Hugging Face names).
@@ -325,6 +327,16 @@ impl LlamaModel {
             }
         }
         self.packed = Arc::new(map);
+    }
+
+    /// Decode steps multiply Q4 weights with activations rounded to 8 bits per block of
+    /// 32 and summed in integers, as llama.cpp does ([`PackedWeight::matmul_int8`]):
+    /// faster, most of all for batches, but no longer exact. Off by default; evaluation
+    /// and `generate` keep the exact path.
+    ///
+    /// [`PackedWeight::matmul_int8`]: super::ops::packed::PackedWeight::matmul_int8
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
     }
 
     /// How many weights have a compact decode copy.
