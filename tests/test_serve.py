@@ -201,6 +201,12 @@ def test_bad_requests_get_openais_status_and_envelope(server, client):
     r = httpx.get(f"{server.url}/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{server.root}/health").status_code == 200, "/health needs no key"
+    r = httpx.get(url, headers=h)
+    assert r.status_code == 405 and "not allowed" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        server.counted.add()
+        client.completions.create(model="smol", prompt="word " * 9000, max_tokens=4)
+    assert e.value.body["code"] == "context_length_exceeded" and "in the prompt" in e.value.body["message"]
     r = httpx.post(url, headers={**h, "x-request-id": "trace-42"}, json={"model": "smol"})
     server.counted.add()
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
@@ -331,6 +337,10 @@ def test_adapters_load_and_unload_at_run_time_and_a_full_queue_gets_429(tmp_path
         r = httpx.post(f"{s.url}/load_lora_adapter", json={"lora_name": "late", "lora_path": str(tmp_path / "late")})
         assert r.status_code == 400, "a name is served once"
         assert httpx.post(f"{s.url}/unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+        # Unloading a name that is not served is a 404, and the server goes on.
+        r = httpx.post(f"{s.url}/unload_lora_adapter", json={"lora_name": "typo"}, timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert {m.id for m in c.models.list().data} == {"smol"}
         with pytest.raises(openai.NotFoundError):
             ask("late")
         # One running, one queued: the rest are told to come back later.

@@ -62,7 +62,7 @@ impl ApiError {
             Some(param.to_string()),
             format!(
                 "This model's maximum context length is {context} tokens. However, you requested {} tokens \
-                 ({prompt} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                 ({prompt} in the {param}, {max_tokens} in the completion). Please reduce the length of the {param} or completion (`max_tokens`).",
                 prompt + max_tokens
             ),
         );
@@ -248,7 +248,9 @@ impl<'a> Fields<'a> {
         match self.get(k) {
             None => Ok(None),
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
-                let x = n.as_i64().unwrap_or(i64::MAX);
+                let Some(x) = n.as_i64() else {
+                    return Err(ApiError::invalid(Some(k.into()), format!("`{k}` must be an integer from {lo} to {hi}, got {n}.")));
+                };
                 if !(lo..=hi).contains(&x) {
                     return Err(ApiError::invalid(Some(k.into()), format!("`{k}` must be an integer from {lo} to {hi}, got {x}.")));
                 }
@@ -286,6 +288,9 @@ fn zero(v: &Value) -> bool {
 
 fn sampling(f: &Fields, chat: bool) -> Result<Sampling, ApiError> {
     let mut s = Sampling::default();
+    if chat && f.get("max_completion_tokens").is_some() && f.get("max_tokens").is_some() {
+        return Err(ApiError::invalid(Some("max_tokens".into()), "Send `max_completion_tokens` or `max_tokens`, not both."));
+    }
     let max_key = if chat && f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
     s.max_tokens = f.integer(max_key, 1, 1 << 30)?.map(|x| x as usize);
     s.temperature = f.number("temperature", 0.0, 2.0)?;
@@ -298,7 +303,12 @@ fn sampling(f: &Fields, chat: bool) -> Result<Sampling, ApiError> {
         Some(k) => Some(k as usize),
     };
     s.repetition_penalty = f.number("repetition_penalty", 0.01, 100.0)?.map(|x| x as f32);
-    s.seed = f.integer("seed", i64::MIN, i64::MAX)?.map(|x| x as u64);
+    s.seed = match f.get("seed") {
+        None => None,
+        Some(Value::Number(n)) if n.is_u64() => n.as_u64(),
+        Some(Value::Number(n)) if n.is_i64() => n.as_i64().map(|x| x as u64),
+        Some(v) => return Err(ApiError::invalid(Some("seed".into()), format!("`seed` must be an integer, got {}.", type_name(v)))),
+    };
     s.stop = match f.get("stop") {
         None => vec![],
         Some(Value::String(x)) => vec![x.clone()],
@@ -325,7 +335,7 @@ fn sampling(f: &Fields, chat: bool) -> Result<Sampling, ApiError> {
             return Err(ApiError::invalid(Some("stream_options".into()), "`stream_options` is only allowed when `stream` is true."));
         }
         let of = Fields { obj: o };
-        check_known(o, &["include_usage", "continuous_usage_stats"]).map_err(|mut e| {
+        check_known(o, &["include_usage"]).map_err(|mut e| {
             e.param = Some("stream_options".into());
             e
         })?;
@@ -431,7 +441,18 @@ impl CompletionRequest {
         ])?;
         let f = Fields { obj };
         let model = f.string("model")?.ok_or_else(|| ApiError::invalid(Some("model".into()), "`model` is required: the served model's id or an adapter's name (see GET /v1/models)."))?;
-        let bad_prompt = |v: &Value| ApiError::invalid(Some("prompt".into()), format!("`prompt` must be a string, one string in an array, or an array of token ids, got {}.", type_name(v)));
+        let bad_prompt = |v: &Value| {
+            let why = match v {
+                Value::Array(a) if a.is_empty() => "got an empty array".to_string(),
+                Value::Array(a) if a.iter().any(Value::is_array) => "got a list of lists (batched prompts): send one request per prompt".to_string(),
+                Value::Array(a) => match a.iter().position(|x| !x.as_u64().is_some_and(|t| t <= u32::MAX as u64)) {
+                    Some(i) => format!("`prompt[{i}]` is {}, not a token id", a[i]),
+                    None => "got an array".to_string(),
+                },
+                v => format!("got {}", type_name(v)),
+            };
+            ApiError::invalid(Some("prompt".into()), format!("`prompt` must be a string, one string in an array, or an array of token ids: {why}."))
+        };
         let prompt = match f.get("prompt") {
             None => return Err(ApiError::invalid(Some("prompt".into()), "`prompt` is required.")),
             Some(Value::String(s)) => Prompt::Text(s.clone()),
@@ -476,14 +497,10 @@ pub(crate) fn chat_logprobs(lps: &[TokenLogprob]) -> Value {
     json!({"content": content})
 }
 
-/// Completions-style `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
-pub(crate) fn completion_logprobs(lps: &[TokenLogprob], offset: usize) -> Value {
-    let mut text_offset = Vec::new();
-    let mut at = offset;
-    for t in lps {
-        text_offset.push(at);
-        at += t.token.len();
-    }
+/// Completions-style `logprobs` (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`
+/// in characters from the start of the completion, as OpenAI counts).
+pub(crate) fn completion_logprobs(lps: &[TokenLogprob]) -> Value {
+    let text_offset: Vec<usize> = lps.iter().map(|t| t.offset).collect();
     let top: Vec<Value> = lps
         .iter()
         .map(|t| Value::Object(t.top.iter().map(|(tok, lp)| (tok.clone(), json!(lp))).collect()))

@@ -201,6 +201,16 @@ fn alive(pid: u32) -> bool {
     })
 }
 
+/// Whether `pid` is this endpoint's worker: alive, and running `serve --endpoint-dir DIR`
+/// (a pid reused by another process after a reboot or a crash is not ours to signal).
+fn is_worker(pid: u32, dir: &Path) -> bool {
+    alive(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+            args.iter().any(|a| *a == b"serve") && args.iter().any(|a| *a == dir.as_os_str().as_encoded_bytes())
+        })
+}
+
 /// A running serving endpoint.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -238,7 +248,7 @@ impl Endpoint {
         let text = std::fs::read_to_string(dir.join("endpoint.json"))
             .with_context(|| format!("no endpoint named `{name}` in {} (Endpoint::list() shows the running ones)", endpoints_root().display()))?;
         let file: EndpointFile = serde_json::from_str(&text).with_context(|| format!("{} is damaged", dir.join("endpoint.json").display()))?;
-        if !alive(file.pid) {
+        if !is_worker(file.pid, &dir) {
             bail!("the endpoint `{name}` is not running (its worker, pid {}, is gone; log: {})", file.pid, dir.join("server.log").display());
         }
         let ready: ReadyFile = serde_json::from_str(&std::fs::read_to_string(dir.join("ready.json")).with_context(|| format!("the endpoint `{name}` is still loading"))?)?;
@@ -347,6 +357,9 @@ impl Endpoint {
     /// Stops the worker (SIGTERM: it finishes in-flight requests for up to 10 s and
     /// flushes its inference table), waiting up to 30 s before SIGKILL.
     pub fn stop(&self) -> Result<()> {
+        if !is_worker(self.file.pid, &self.dir) {
+            return Ok(());
+        }
         let pid = self.file.pid as i32;
         // SAFETY: plain signals to our own worker.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -380,7 +393,7 @@ impl Endpoint {
             .request_counts()
             .map(|c| if c.is_empty() { "none yet".into() } else { c.iter().map(|(s, n)| format!("{n} × {s}")).collect::<Vec<_>>().join(", ") })
             .unwrap_or_default();
-        let state = if alive(self.file.pid) { "serving" } else { "stopped" };
+        let state = if is_worker(self.file.pid, &self.dir) { "serving" } else { "stopped" };
         let mut t = Table::new(["", ""])
             .title(format!("endpoint {}", self.file.name))
             .row(["url".to_string(), self.url.clone()])

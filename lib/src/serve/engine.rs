@@ -22,6 +22,8 @@ use tokio::sync::mpsc::UnboundedSender;
 /// One token's log-probability and the most likely alternatives, as OpenAI reports them.
 #[derive(Clone, Debug)]
 pub(crate) struct TokenLogprob {
+    /// Where the token's text starts in the completion, in characters.
+    pub offset: usize,
     pub token: String,
     pub logprob: f32,
     pub top: Vec<(String, f32)>,
@@ -165,19 +167,29 @@ pub(crate) fn run(model: Arc<Model>, jobs: mpsc::Receiver<Job>, limits: EngineLi
         if running.is_empty() {
             continue;
         }
-        // Decoding sequences feed their last token; prefilling ones a chunk within the budget.
-        let mut budget = limits.prefill_tokens_per_step.max(1);
+        // Decoding sequences feed their last token. A prompt (or the rest of one) that fits
+        // in what is left of the step's budget runs whole; a longer one runs in chunks of
+        // exactly the budget, counted from its start, in steps where it has the whole
+        // budget. So how a prompt is split never depends on what else arrived: prompts up
+        // to the budget compute exactly what `Model::generate` does.
+        let full = limits.prefill_tokens_per_step.max(1);
+        let mut budget = full;
         let mut chunks: Vec<Option<(usize, usize)>> = Vec::with_capacity(running.len());
         for s in &running {
             if s.next.is_some() {
                 chunks.push(None);
-            } else if budget > 0 {
-                let n = (s.job.prompt.len() - s.prefilled).min(budget);
-                budget -= n;
-                chunks.push(Some((s.prefilled, n)));
-            } else {
-                chunks.push(Some((s.prefilled, 0)));
+                continue;
             }
+            let rest = s.job.prompt.len() - s.prefilled;
+            let n = if rest <= budget {
+                rest
+            } else if budget == full {
+                full
+            } else {
+                0
+            };
+            budget -= n;
+            chunks.push(Some((s.prefilled, n)));
         }
         let mut steps = Vec::with_capacity(running.len());
         let mut who = Vec::with_capacity(running.len());
@@ -265,7 +277,9 @@ fn advance(s: &mut Seq, logits: &[f32], eos: &[u32], tok: &crate::tokenize::Toke
     s.next = Some(id);
     if let Some(k) = s.job.logprobs {
         let start = s.text.text().len();
-        s.pending.push_back((start, token_logprob(logits, id, k, tok)?));
+        let mut lp = token_logprob(logits, id, k, tok)?;
+        lp.offset = s.text.text().chars().count();
+        s.pending.push_back((start, lp));
     }
     let piece = s.text.push(id)?;
     let stopped = s.text.stopped();
@@ -308,5 +322,5 @@ fn token_logprob(logits: &[f32], id: u32, k: usize, tok: &crate::tokenize::Token
         idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         top = idx.into_iter().map(|t| (text(t), logits[t as usize] - lse)).collect();
     }
-    Ok(TokenLogprob { token: text(id), logprob: logits[id as usize] - lse, top })
+    Ok(TokenLogprob { offset: 0, token: text(id), logprob: logits[id as usize] - lse, top })
 }

@@ -51,6 +51,8 @@ pub(crate) struct Server {
     pub max_inflight: usize,
     pub allow_adapter_updates: bool,
     pub shutting_down: AtomicBool,
+    /// Set when the engine thread has ended (it never should while serving).
+    pub engine_gone: AtomicBool,
     pub log: Option<super::table::InferenceLog>,
 }
 
@@ -58,6 +60,12 @@ impl Server {
     fn ready(&self) -> Result<&Ready, ApiError> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("The server is shutting down."));
+        }
+        if self.engine_gone.load(Ordering::Relaxed) {
+            return Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                ..ApiError::internal("The engine thread has stopped; the server log says why. Restart the server.")
+            });
         }
         self.ready.get().ok_or_else(|| ApiError::unavailable("The model is still loading; retry in a moment (GET /health says when it is ready)."))
     }
@@ -80,6 +88,9 @@ impl Drop for Admission {
     }
 }
 
+/// Largest request body accepted.
+const MAX_BODY: usize = 16 << 20;
+
 /// The routes.
 pub(crate) fn router(server: Arc<Server>) -> Router {
     Router::new()
@@ -92,6 +103,7 @@ pub(crate) fn router(server: Arc<Server>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|req: Request| async move { ApiError::no_route(req.method().as_str(), req.uri().path()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(server.clone(), around))
         .with_state(server)
 }
@@ -117,6 +129,13 @@ async fn around(State(s): State<Arc<Server>>, req: Request, next: Next) -> Respo
     } else {
         next.run(req).await
     };
+    // axum's own rejections (wrong method, body over the size limit) in OpenAI's envelope.
+    let plain = !resp.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if plain && resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+        resp = ApiError { status: StatusCode::METHOD_NOT_ALLOWED, ..ApiError::invalid(None, format!("{method} is not allowed on {handler}: see docs/serving.md for each route's method.")) }.into_response();
+    } else if plain && resp.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        resp = ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, ..ApiError::invalid(None, format!("The request body is larger than {} MiB.", MAX_BODY >> 20)) }.into_response();
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -169,9 +188,10 @@ fn pick_model(s: &Server, r: &Ready, model: &str) -> Result<Option<Arc<AdapterWe
     if model == s.model_name {
         return Ok(None);
     }
-    let adapters = r.adapters.read().unwrap_or_else(|p| p.into_inner());
-    match adapters.get(model) {
-        Some(a) => Ok(Some(a.weights.clone())),
+    // The guard is dropped before the error lists the ids (which reads the lock again).
+    let found = r.adapters.read().unwrap_or_else(|p| p.into_inner()).get(model).map(|a| a.weights.clone());
+    match found {
+        Some(w) => Ok(Some(w)),
         None => Err(ApiError::model_not_found(model, &s.model_ids())),
     }
 }
@@ -334,7 +354,7 @@ async fn respond(s: Arc<Server>, p: Prepared, kind: Kind) -> Response {
             }
             Event::Done { finish, prompt_tokens, completion_tokens } => {
                 drop(admission);
-                let lp = logprobs.then(|| if kind == Kind::Chat { api::chat_logprobs(&lps) } else { api::completion_logprobs(&lps, 0) });
+                let lp = logprobs.then(|| if kind == Kind::Chat { api::chat_logprobs(&lps) } else { api::completion_logprobs(&lps) });
                 let choice = match kind {
                     Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish.as_str()}),
                     Kind::Completion => json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish.as_str()}),
@@ -465,7 +485,7 @@ fn stream_response(rx: UnboundedReceiver<Event>, admission: Admission, ctx: Stre
                 Some(Event::Text { text: t, logprobs }) => {
                     let lp = ctx.logprobs.then(|| match ctx.kind {
                         Kind::Chat => api::chat_logprobs(&logprobs),
-                        Kind::Completion => api::completion_logprobs(&logprobs, offset),
+                        Kind::Completion => api::completion_logprobs(&logprobs),
                     });
                     offset += t.len();
                     text.push_str(&t);
@@ -544,8 +564,16 @@ async fn load_adapter(State(s): State<Arc<Server>>, body: Bytes) -> Result<Respo
         .map_err(|e| ApiError::internal(format!("loading the adapter: {e}")))?
         .map_err(|e| ApiError::invalid(Some("lora_path".into()), format!("{e:#}")))?;
     let mut adapters = r.adapters.write().unwrap_or_else(|p| p.into_inner());
-    adapters.insert(name.clone(), ServedAdapter { weights: Arc::new(weights), source: path, created: chrono::Utc::now().timestamp() });
-    Ok(format!("Success: LoRA adapter '{name}' added successfully.").into_response())
+    // Checked again under the write lock: two loads of one name may have raced.
+    match adapters.entry(name.clone()) {
+        std::collections::btree_map::Entry::Occupied(_) => {
+            Err(ApiError::invalid(Some("lora_name".into()), format!("The name `{name}` is already served: unload it first or choose another name.")))
+        }
+        std::collections::btree_map::Entry::Vacant(v) => {
+            v.insert(ServedAdapter { weights: Arc::new(weights), source: path, created: chrono::Utc::now().timestamp() });
+            Ok(format!("Success: LoRA adapter '{name}' added successfully.").into_response())
+        }
+    }
 }
 
 async fn unload_adapter(State(s): State<Arc<Server>>, body: Bytes) -> Result<Response, ApiError> {
@@ -556,7 +584,8 @@ async fn unload_adapter(State(s): State<Arc<Server>>, body: Bytes) -> Result<Res
     let v = parse_body(&body)?;
     let name = v.get("lora_name").and_then(Value::as_str).ok_or_else(|| ApiError::invalid(Some("lora_name".into()), "`lora_name` is required (a string)."))?;
     // Requests in flight keep their own reference to the weights.
-    match r.adapters.write().unwrap_or_else(|p| p.into_inner()).remove(name) {
+    let removed = r.adapters.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+    match removed {
         Some(_) => Ok(format!("Success: LoRA adapter '{name}' removed successfully.").into_response()),
         None => Err(ApiError::model_not_found(name, &s.model_ids())),
     }

@@ -204,6 +204,7 @@ impl Serve {
             max_inflight: self.limits.max_running + self.max_queue,
             allow_adapter_updates: self.allow_adapter_updates,
             shutting_down: AtomicBool::new(false),
+            engine_gone: AtomicBool::new(false),
             log,
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -243,7 +244,18 @@ impl Serve {
         let context_len = self.max_model_len.unwrap_or(usize::MAX).min(model.llama.config.max_position_embeddings);
         let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
         let (m, limits, metrics) = (model.clone(), self.limits, server.metrics.clone());
-        std::thread::Builder::new().name("engine".into()).spawn(move || engine::run(m, jobs_rx, limits, metrics))?;
+        let watch = server.clone();
+        std::thread::Builder::new().name("engine".into()).spawn(move || {
+            // Marks the engine gone however it ends (a panic included), so /health says so.
+            struct Gone(Arc<http::Server>);
+            impl Drop for Gone {
+                fn drop(&mut self) {
+                    self.0.engine_gone.store(true, Ordering::Relaxed);
+                }
+            }
+            let _gone = Gone(watch);
+            engine::run(m, jobs_rx, limits, metrics)
+        })?;
         let _ = server.ready.set(http::Ready { model, jobs: Mutex::new(jobs_tx), adapters: RwLock::new(served), context_len });
         on_ready(&format!("http://{addr}/v1"));
         tokio::select! {
