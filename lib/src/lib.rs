@@ -8,6 +8,7 @@
 
 pub mod data;
 pub mod display;
+pub mod eval;
 pub mod files;
 pub mod interrupt;
 pub mod mlflow;

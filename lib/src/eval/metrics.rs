@@ -1,0 +1,301 @@
+//! Text metrics whose values equal the reference implementations', so a tunebook score
+//! can be compared with a published one.
+//!
+//! * [`exact_match`]: the answer equals a reference after trimming (optionally ignoring
+//!   case and punctuation, as lm-evaluation-harness's `ignore_case` / `ignore_punctuation`).
+//! * [`Bleu`]: sacrebleu 2.x's BLEU (tokenizer `13a`, n-grams to 4, `exp` smoothing,
+//!   closest reference length, several references per hypothesis): [`Bleu::corpus`] equals
+//!   `sacrebleu.corpus_bleu`, [`Bleu::sentence`] `sacrebleu.sentence_bleu`.
+//!
+//! Reference values made by `sacrebleu` 2.6.0 live in `lib/tests/data/eval_metrics_reference.json`
+//! with the script that wrote them (`make_eval_reference.py`).
+
+use std::collections::HashMap;
+
+/// Whether `answer` equals one of `references` after trimming both; `ignore_case` and
+/// `ignore_punctuation` compare lower-cased text without ASCII punctuation.
+pub fn exact_match(answer: &str, references: &[&str], ignore_case: bool, ignore_punctuation: bool) -> bool {
+    let norm = |s: &str| {
+        let mut t = s.trim().to_string();
+        if ignore_case {
+            t = t.to_lowercase();
+        }
+        if ignore_punctuation {
+            t.retain(|c| !c.is_ascii_punctuation());
+        }
+        t
+    };
+    let a = norm(answer);
+    references.iter().any(|r| norm(r) == a)
+}
+
+/// Whether Python's `str.split()` splits at `c` (Unicode whitespace, and the ASCII
+/// separators U+001C–U+001F, which Rust's `char::is_whitespace` leaves out).
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// sacrebleu's `13a` tokenizer (mteval-v13a as WMT uses it).
+pub fn tokenize_13a(line: &str) -> String {
+    let mut line = line.replace("<skipped>", "").replace("-\n", "").replace('\n', " ");
+    if line.contains('&') {
+        line = line.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
+    }
+    let line = format!(" {line} ");
+    // Punctuation and symbols of the ASCII ranges { to ~, [ to `, space to &, ( to +, : to @, and /.
+    let symbol = |c: char| matches!(c, '{'..='~' | '['..='`' | ' '..='&' | '('..='+' | ':'..='@' | '/');
+    let mut s = String::with_capacity(line.len() * 2);
+    for c in line.chars() {
+        if symbol(c) {
+            s.push(' ');
+            s.push(c);
+            s.push(' ');
+        } else {
+            s.push(c);
+        }
+    }
+    // Python's re.sub of a two-character pattern: leftmost, non-overlapping matches.
+    let sub2 = |s: &str, first: &dyn Fn(char) -> bool, second: &dyn Fn(char) -> bool, out: &dyn Fn(char, char, &mut String)| {
+        let cs: Vec<char> = s.chars().collect();
+        let mut o = String::with_capacity(s.len() + 16);
+        let mut i = 0;
+        while i < cs.len() {
+            if i + 1 < cs.len() && first(cs[i]) && second(cs[i + 1]) {
+                out(cs[i], cs[i + 1], &mut o);
+                i += 2;
+            } else {
+                o.push(cs[i]);
+                i += 1;
+            }
+        }
+        o
+    };
+    let digit = |c: char| c.is_ascii_digit();
+    let period_comma = |c: char| c == '.' || c == ',';
+    // Period and comma unless preceded by a digit: `\1 \2 `.
+    let s = sub2(&s, &|c| !digit(c), &period_comma, &|a, b, o| {
+        o.push(a);
+        o.push(' ');
+        o.push(b);
+        o.push(' ');
+    });
+    // Period and comma unless followed by a digit: ` \1 \2`.
+    let s = sub2(&s, &period_comma, &|c| !digit(c), &|a, b, o| {
+        o.push(' ');
+        o.push(a);
+        o.push(' ');
+        o.push(b);
+    });
+    // A dash after a digit: `\1 \2 `.
+    let s = sub2(&s, &digit, &|c| c == '-', &|a, b, o| {
+        o.push(a);
+        o.push(' ');
+        o.push(b);
+        o.push(' ');
+    });
+    s.split(py_space).filter(|t| !t.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+const MAX_ORDER: usize = 4;
+
+/// BLEU's sufficient statistics: hypothesis and closest reference lengths, matched and
+/// total n-grams per order.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BleuStats {
+    pub sys_len: usize,
+    pub ref_len: usize,
+    pub correct: [usize; MAX_ORDER],
+    pub total: [usize; MAX_ORDER],
+}
+
+impl std::ops::AddAssign for BleuStats {
+    fn add_assign(&mut self, o: Self) {
+        self.sys_len += o.sys_len;
+        self.ref_len += o.ref_len;
+        for n in 0..MAX_ORDER {
+            self.correct[n] += o.correct[n];
+            self.total[n] += o.total[n];
+        }
+    }
+}
+
+fn ngrams(tokens: &[&str]) -> HashMap<Vec<String>, usize> {
+    let mut m = HashMap::new();
+    for n in 1..=MAX_ORDER {
+        for w in tokens.windows(n) {
+            *m.entry(w.iter().map(|s| s.to_string()).collect()).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+/// sacrebleu's BLEU with its defaults (`13a`, case-sensitive, `exp` smoothing).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bleu {
+    /// Lower-case hypotheses and references first (sacrebleu's `lowercase=True`).
+    pub lowercase: bool,
+}
+
+/// A BLEU score (0–100) with what it was computed from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BleuScore {
+    pub score: f64,
+    /// n-gram precisions in percent, orders 1–4.
+    pub precisions: [f64; MAX_ORDER],
+    pub brevity_penalty: f64,
+    pub stats: BleuStats,
+}
+
+impl Bleu {
+    fn prep(&self, s: &str) -> String {
+        let s = s.trim_end_matches(py_space);
+        if self.lowercase { tokenize_13a(&s.to_lowercase()) } else { tokenize_13a(s) }
+    }
+
+    /// The statistics of one hypothesis against its references.
+    pub fn stats(&self, hypothesis: &str, references: &[&str]) -> BleuStats {
+        let mut ref_counts: HashMap<Vec<String>, usize> = HashMap::new();
+        let mut ref_lens = Vec::with_capacity(references.len());
+        for r in references {
+            let t = self.prep(r);
+            let toks: Vec<&str> = t.split(' ').filter(|x| !x.is_empty()).collect();
+            ref_lens.push(toks.len());
+            for (g, c) in ngrams(&toks) {
+                let e = ref_counts.entry(g).or_insert(0);
+                *e = (*e).max(c);
+            }
+        }
+        let h = self.prep(hypothesis);
+        let toks: Vec<&str> = h.split(' ').filter(|x| !x.is_empty()).collect();
+        let hyp_len = toks.len();
+        // The closest reference length; on a tie the shorter one.
+        let mut ref_len = None::<(usize, usize)>;
+        for &l in &ref_lens {
+            let diff = hyp_len.abs_diff(l);
+            ref_len = match ref_len {
+                None => Some((diff, l)),
+                Some((d, bl)) if diff < d || (diff == d && l < bl) => Some((diff, l)),
+                keep => keep,
+            };
+        }
+        let mut st = BleuStats { sys_len: hyp_len, ref_len: ref_len.map_or(0, |x| x.1), ..Default::default() };
+        for (g, c) in ngrams(&toks) {
+            let n = g.len() - 1;
+            st.total[n] += c;
+            if let Some(&rc) = ref_counts.get(&g) {
+                st.correct[n] += c.min(rc);
+            }
+        }
+        st
+    }
+
+    /// The score of summed statistics (sacrebleu's `compute_bleu`, `exp` smoothing, all
+    /// four orders).
+    pub fn score(stats: BleuStats) -> BleuScore {
+        Self::score_with(stats, false)
+    }
+
+    /// [`score`](Self::score); with `effective_order`, orders the hypothesis has no n-gram
+    /// of are left out of the mean (sacrebleu's sentence-level default).
+    pub fn score_with(stats: BleuStats, effective_order: bool) -> BleuScore {
+        let BleuStats { sys_len, ref_len, correct, total } = stats;
+        let bp = if sys_len < ref_len {
+            if sys_len > 0 { (1.0 - ref_len as f64 / sys_len as f64).exp() } else { 0.0 }
+        } else {
+            1.0
+        };
+        let mut precisions = [0.0; MAX_ORDER];
+        if correct.iter().all(|&c| c == 0) {
+            return BleuScore { score: 0.0, precisions, brevity_penalty: bp, stats };
+        }
+        let mut smooth = 1.0f64;
+        let mut eff = MAX_ORDER;
+        for n in 0..MAX_ORDER {
+            if total[n] == 0 {
+                break;
+            }
+            if effective_order {
+                eff = n + 1;
+            }
+            precisions[n] = if correct[n] == 0 {
+                smooth *= 2.0;
+                100.0 / (smooth * total[n] as f64)
+            } else {
+                100.0 * correct[n] as f64 / total[n] as f64
+            };
+        }
+        // sacrebleu's floored log: log(0) counts as -9999999999.
+        let log = |p: f64| if p == 0.0 { -9_999_999_999.0 } else { p.ln() };
+        let score = bp * (precisions[..eff].iter().map(|&p| log(p)).sum::<f64>() / eff as f64).exp();
+        BleuScore { score, precisions, brevity_penalty: bp, stats }
+    }
+
+    /// Corpus BLEU: `references[k][i]` is the k-th reference of hypothesis `i` (sacrebleu's
+    /// reference streams); every stream has one entry per hypothesis.
+    pub fn corpus(&self, hypotheses: &[&str], references: &[Vec<&str>]) -> BleuScore {
+        let mut total = BleuStats::default();
+        for (i, h) in hypotheses.iter().enumerate() {
+            let refs: Vec<&str> = references.iter().filter_map(|stream| stream.get(i).copied()).collect();
+            total += self.stats(h, &refs);
+        }
+        Self::score(total)
+    }
+
+    /// Sentence BLEU of one hypothesis (sacrebleu's `sentence_bleu` with its defaults,
+    /// effective order included).
+    pub fn sentence(&self, hypothesis: &str, references: &[&str]) -> BleuScore {
+        Self::score_with(self.stats(hypothesis, references), true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn reference() -> Value {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/eval_metrics_reference.json");
+        serde_json::from_str(&std::fs::read_to_string(p).expect("reference data")).expect("json")
+    }
+
+    #[test]
+    fn tokenizer_13a_equals_sacrebleus() {
+        let r = reference();
+        for case in r["tokenize_13a"].as_array().unwrap() {
+            let (input, want) = (case[0].as_str().unwrap(), case[1].as_str().unwrap());
+            assert_eq!(tokenize_13a(input), want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn corpus_and_sentence_bleu_equal_sacrebleus() {
+        let r = reference();
+        for case in r["bleu"].as_array().unwrap() {
+            let hyps: Vec<&str> = case["hypotheses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            let refs: Vec<Vec<&str>> = case["references"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect())
+                .collect();
+            let bleu = Bleu { lowercase: case["lowercase"].as_bool().unwrap() };
+            let got = bleu.corpus(&hyps, &refs);
+            let want = case["corpus"].as_f64().unwrap();
+            assert!((got.score - want).abs() <= 1e-9 * want.abs().max(1.0), "{}: {} vs {want}", case["name"], got.score);
+            for (i, s) in case["sentence"].as_array().unwrap().iter().enumerate() {
+                let refs_i: Vec<&str> = refs.iter().map(|st| st[i]).collect();
+                let got = bleu.sentence(hyps[i], &refs_i).score;
+                let want = s.as_f64().unwrap();
+                assert!((got - want).abs() <= 1e-9 * want.abs().max(1.0), "{} sentence {i}: {got} vs {want}", case["name"]);
+            }
+        }
+    }
+
+    #[test]
+    fn exact_match_trims_and_optionally_ignores_case_and_punctuation() {
+        assert!(exact_match(" 2024-05-01\n", &["2024-05-01"], false, false));
+        assert!(!exact_match("Paris.", &["paris"], false, false));
+        assert!(exact_match("Paris.", &["paris"], true, true));
+        assert!(exact_match("b", &["a", "b"], false, false));
+    }
+}
