@@ -6,8 +6,11 @@
 //! * [`Bleu`]: sacrebleu 2.x's BLEU (tokenizer `13a`, n-grams to 4, `exp` smoothing,
 //!   closest reference length, several references per hypothesis): [`Bleu::corpus`] equals
 //!   `sacrebleu.corpus_bleu`, [`Bleu::sentence`] `sacrebleu.sentence_bleu`.
+//! * [`rouge_n`], [`rouge_l`]: Google's `rouge-score` 0.1.2 without stemming (what MLflow
+//!   and Hugging Face `evaluate` use by default): its tokenizer (lower case, runs of
+//!   `a-z0-9`; other scripts give no tokens), n-gram overlap and LCS precision, recall, F1.
 //!
-//! Reference values made by `sacrebleu` 2.6.0 live in `lib/tests/data/eval_metrics_reference.json`
+//! Reference values made by `sacrebleu` 2.6.0 and `rouge-score` 0.1.2 live in `lib/tests/data/eval_metrics_reference.json`
 //! with the script that wrote them (`make_eval_reference.py`).
 
 use std::collections::HashMap;
@@ -248,10 +251,82 @@ impl Bleu {
     }
 }
 
+/// Precision, recall and F1 of one ROUGE score.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rouge {
+    pub precision: f64,
+    pub recall: f64,
+    pub fmeasure: f64,
+}
+
+impl Rouge {
+    fn new(precision: f64, recall: f64) -> Self {
+        let fmeasure = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+        Self { precision, recall, fmeasure }
+    }
+}
+
+/// `rouge-score`'s tokens: the text lower-cased, then its runs of `a-z0-9`.
+pub fn rouge_tokens(text: &str) -> Vec<String> {
+    let lower = text.to_lowercase();
+    lower.split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit())).filter(|t| !t.is_empty()).map(str::to_string).collect()
+}
+
+/// ROUGE-N of `prediction` against `target` (`rouge1` for n = 1, `rouge2` for 2).
+pub fn rouge_n(target: &str, prediction: &str, n: usize) -> Rouge {
+    fn grams(toks: &[String], n: usize) -> HashMap<&[String], usize> {
+        let mut m: HashMap<&[String], usize> = HashMap::new();
+        if n > 0 {
+            for w in toks.windows(n) {
+                *m.entry(w).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+    let (t, p) = (rouge_tokens(target), rouge_tokens(prediction));
+    let (tg, pg) = (grams(&t, n), grams(&p, n));
+    let overlap: usize = tg.iter().map(|(g, c)| (*c).min(pg.get(g).copied().unwrap_or(0))).sum();
+    let (tc, pc): (usize, usize) = (tg.values().sum(), pg.values().sum());
+    Rouge::new(overlap as f64 / pc.max(1) as f64, overlap as f64 / tc.max(1) as f64)
+}
+
+/// ROUGE-L (longest common subsequence of tokens) of `prediction` against `target`.
+pub fn rouge_l(target: &str, prediction: &str) -> Rouge {
+    let (t, p) = (rouge_tokens(target), rouge_tokens(prediction));
+    if t.is_empty() || p.is_empty() {
+        return Rouge { precision: 0.0, recall: 0.0, fmeasure: 0.0 };
+    }
+    let mut prev = vec![0usize; p.len() + 1];
+    let mut cur = vec![0usize; p.len() + 1];
+    for ti in &t {
+        for (j, pj) in p.iter().enumerate() {
+            cur[j + 1] = if ti == pj { prev[j] + 1 } else { prev[j + 1].max(cur[j]) };
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    let lcs = prev[p.len()] as f64;
+    Rouge::new(lcs / p.len() as f64, lcs / t.len() as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn rouge_equals_rouge_scores_without_stemming() {
+        let r = reference();
+        for case in r["rouge"].as_array().unwrap() {
+            let (t, p) = (case["target"].as_str().unwrap(), case["prediction"].as_str().unwrap());
+            for (key, got) in [("rouge1", rouge_n(t, p, 1)), ("rouge2", rouge_n(t, p, 2)), ("rougeL", rouge_l(t, p))] {
+                let want = &case[key];
+                for (field, g) in [("precision", got.precision), ("recall", got.recall), ("fmeasure", got.fmeasure)] {
+                    let w = want[field].as_f64().unwrap();
+                    assert!((g - w).abs() <= 1e-12, "{key} {field} of {p:?} vs {t:?}: {g} vs {w}");
+                }
+            }
+        }
+    }
 
     fn reference() -> Value {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/eval_metrics_reference.json");

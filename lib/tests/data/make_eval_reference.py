@@ -1,14 +1,16 @@
 """Writes eval_metrics_reference.json: sacrebleu's 13a tokenization and BLEU scores
 (corpus and sentence) for cases that exercise punctuation, digits, entities, Unicode,
-several references, lower-casing and hypotheses without matches. Checked by
-lib/src/eval/metrics.rs. Run with a Python that has sacrebleu (2.6.0 made the file):
+several references, lower-casing and hypotheses without matches, and rouge-score's
+ROUGE-1/2/L without stemming. Checked by lib/src/eval/metrics.rs. Run with a Python that
+has them (sacrebleu 2.6.0 and rouge-score 0.1.2 made the file):
 
-    pip install sacrebleu==2.6.0 && python lib/tests/data/make_eval_reference.py
+    pip install sacrebleu==2.6.0 rouge-score==0.1.2 && python lib/tests/data/make_eval_reference.py
 """
 import json
 import os
 
 import sacrebleu
+from rouge_score import rouge_scorer
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 TOKENIZE = [
@@ -44,6 +46,20 @@ CASES = [
 ]
 
 
+ROUGE = [
+    ("The cat sat on the mat.", "The cat is on the mat."),
+    ("the the the the", "the cat the"),
+    ("Paris is the capital of France.", "The capital of France is Paris."),
+    ("1976-07-04", "1976-04-04"),
+    ("Running runners run quickly!", "A runner runs quick."),
+    ("Émile visited Zürich in 2019; it rained.", "emile visited zurich in 2019 it rained"),
+    ("東京は晴れ", "東京は雨"),
+    ("", "something"),
+    ("one two three four five", ""),
+    ("a b c d e f g h", "h g f e d c b a"),
+]
+
+
 def main():
     tok = Tokenizer13a()
     out = {"sacrebleu": sacrebleu.__version__, "tokenize_13a": [[s, tok(s)] for s in TOKENIZE], "bleu": []}
@@ -53,6 +69,13 @@ def main():
         sbleu = sacrebleu.BLEU(lowercase=case["lowercase"], effective_order=True)
         sentence = [sbleu.sentence_score(h, [r[i] for r in case["references"]]).score for i, h in enumerate(case["hypotheses"])]
         out["bleu"].append({**case, "corpus": corpus, "sentence": sentence})
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    out["rouge_score"] = "0.1.2"
+    out["rouge"] = []
+    for target, prediction in ROUGE:
+        scores = scorer.score(target, prediction)
+        out["rouge"].append({"target": target, "prediction": prediction,
+                             **{k: {"precision": v.precision, "recall": v.recall, "fmeasure": v.fmeasure} for k, v in scores.items()}})
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_metrics_reference.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
