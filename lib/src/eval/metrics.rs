@@ -6,6 +6,7 @@
 //! * [`Bleu`]: sacrebleu 2.x's BLEU (tokenizer `13a`, n-grams to 4, `exp` smoothing,
 //!   closest reference length, several references per hypothesis): [`Bleu::corpus`] equals
 //!   `sacrebleu.corpus_bleu`, [`Bleu::sentence`] `sacrebleu.sentence_bleu`.
+//! * [`Chrf`]: sacrebleu's chrF (character 6-grams, β = 2) and chrF++ (plus word bigrams).
 //! * [`rouge_n`], [`rouge_l`]: Google's `rouge-score` 0.1.2 without stemming (what MLflow
 //!   and Hugging Face `evaluate` use by default): its tokenizer (lower case, runs of
 //!   `a-z0-9`; other scripts give no tokens), n-gram overlap and LCS precision, recall, F1.
@@ -251,6 +252,122 @@ impl Bleu {
     }
 }
 
+/// sacrebleu's chrF: character n-grams up to 6 (whitespace removed) and, for chrF++,
+/// word n-grams up to `word_order` (2), β = 2, the best reference per hypothesis.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Chrf {
+    /// 0 for chrF, 2 for chrF++.
+    pub word_order: usize,
+}
+
+const CHAR_ORDER: usize = 6;
+
+impl Chrf {
+    /// chrF++ (word bigrams too).
+    pub fn plus_plus() -> Self {
+        Self { word_order: 2 }
+    }
+
+    fn ngrams(&self, s: &str) -> Vec<HashMap<String, usize>> {
+        let squeezed: Vec<char> = s.split(py_space).collect::<String>().chars().collect();
+        let mut out = Vec::with_capacity(CHAR_ORDER + self.word_order);
+        for n in 1..=CHAR_ORDER {
+            let mut m = HashMap::new();
+            for w in squeezed.windows(n) {
+                *m.entry(w.iter().collect::<String>()).or_insert(0) += 1;
+            }
+            out.push(m);
+        }
+        if self.word_order > 0 {
+            // sacrebleu's primitive tokenization: one leading or trailing punctuation mark split off.
+            let punct = |c: char| "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~".contains(c);
+            let mut words: Vec<String> = Vec::new();
+            for w in s.split(py_space).filter(|w| !w.is_empty()) {
+                let cs: Vec<char> = w.chars().collect();
+                if cs.len() == 1 {
+                    words.push(w.to_string());
+                } else if punct(cs[cs.len() - 1]) {
+                    words.push(cs[..cs.len() - 1].iter().collect());
+                    words.push(cs[cs.len() - 1].to_string());
+                } else if punct(cs[0]) {
+                    words.push(cs[0].to_string());
+                    words.push(cs[1..].iter().collect());
+                } else {
+                    words.push(w.to_string());
+                }
+            }
+            for n in 1..=self.word_order {
+                let mut m = HashMap::new();
+                for g in words.windows(n) {
+                    *m.entry(g.join(" ")).or_insert(0) += 1;
+                }
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    fn f_score(&self, stats: &[usize]) -> f64 {
+        let eps = 1e-16;
+        let factor = 4.0; // β²
+        let (mut avg_p, mut avg_r, mut eff) = (0.0, 0.0, 0usize);
+        for st in stats.chunks_exact(3) {
+            let (h, r, m) = (st[0], st[1], st[2]);
+            let p = if h > 0 { m as f64 / h as f64 } else { eps };
+            let rc = if r > 0 { m as f64 / r as f64 } else { eps };
+            if h > 0 && r > 0 {
+                avg_p += p;
+                avg_r += rc;
+                eff += 1;
+            }
+        }
+        if eff == 0 {
+            return 0.0;
+        }
+        avg_p /= eff as f64;
+        avg_r /= eff as f64;
+        if avg_p + avg_r > 0.0 { 100.0 * (1.0 + factor) * avg_p * avg_r / (factor * avg_p + avg_r) } else { 0.0 }
+    }
+
+    /// `[hyp, ref, match]` counts per order against the best of `references`.
+    fn stats(&self, hypothesis: &str, references: &[&str]) -> Vec<usize> {
+        let hyp = self.ngrams(hypothesis);
+        let mut best: (f64, Vec<usize>) = (-1.0, vec![]);
+        for r in references {
+            let refg = self.ngrams(r);
+            let mut st = Vec::with_capacity(3 * hyp.len());
+            for (h, rg) in hyp.iter().zip(&refg) {
+                let hc: usize = h.values().sum();
+                let m: usize = h.iter().map(|(g, c)| (*c).min(rg.get(g).copied().unwrap_or(0))).sum();
+                st.extend([if rg.is_empty() { 0 } else { hc }, rg.values().sum(), m]);
+            }
+            let f = self.f_score(&st);
+            if f > best.0 {
+                best = (f, st);
+            }
+        }
+        best.1
+    }
+
+    /// Corpus chrF: `references[k][i]` is the k-th reference of hypothesis `i`
+    /// (sacrebleu's `corpus_chrf`).
+    pub fn corpus(&self, hypotheses: &[&str], references: &[Vec<&str>]) -> f64 {
+        let mut sum = vec![0usize; 3 * (CHAR_ORDER + self.word_order)];
+        for (i, h) in hypotheses.iter().enumerate() {
+            let refs: Vec<&str> = references.iter().filter_map(|s| s.get(i).copied()).collect();
+            for (a, b) in sum.iter_mut().zip(self.stats(h, &refs)) {
+                *a += b;
+            }
+        }
+        self.f_score(&sum)
+    }
+
+    /// chrF of one hypothesis (sacrebleu's `sentence_chrf`).
+    pub fn sentence(&self, hypothesis: &str, references: &[&str]) -> f64 {
+        self.f_score(&self.stats(hypothesis, references))
+    }
+}
+
 /// Precision, recall and F1 of one ROUGE score.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rouge {
@@ -312,6 +429,33 @@ pub fn rouge_l(target: &str, prediction: &str) -> Rouge {
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    #[test]
+    fn chrf_and_chrf_plus_plus_equal_sacrebleus() {
+        let r = reference();
+        for case in r["bleu"].as_array().unwrap() {
+            if case["lowercase"].as_bool().unwrap() {
+                continue;
+            }
+            let hyps: Vec<&str> = case["hypotheses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            let refs: Vec<Vec<&str>> = case["references"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect())
+                .collect();
+            for (key, m) in [("chrf", Chrf::default()), ("chrf++", Chrf::plus_plus())] {
+                let want = case[key]["corpus"].as_f64().unwrap();
+                let got = m.corpus(&hyps, &refs);
+                assert!((got - want).abs() <= 1e-9, "{} {key}: {got} vs {want}", case["name"]);
+                for (i, s) in case[key]["sentence"].as_array().unwrap().iter().enumerate() {
+                    let refs_i: Vec<&str> = refs.iter().map(|st| st[i]).collect();
+                    let (got, want) = (m.sentence(hyps[i], &refs_i), s.as_f64().unwrap());
+                    assert!((got - want).abs() <= 1e-9, "{} {key} sentence {i}: {got} vs {want}", case["name"]);
+                }
+            }
+        }
+    }
 
     #[test]
     fn rouge_equals_rouge_scores_without_stemming() {

@@ -1,5 +1,5 @@
-"""Writes eval_metrics_reference.json: sacrebleu's 13a tokenization and BLEU scores
-(corpus and sentence) for cases that exercise punctuation, digits, entities, Unicode,
+"""Writes eval_metrics_reference.json: sacrebleu's 13a tokenization, BLEU and chrF/chrF++
+scores (corpus and sentence) for cases that exercise punctuation, digits, entities, Unicode,
 several references, lower-casing and hypotheses without matches, and rouge-score's
 ROUGE-1/2/L without stemming. Checked by lib/src/eval/metrics.rs. Run with a Python that
 has them (sacrebleu 2.6.0 and rouge-score 0.1.2 made the file):
@@ -68,7 +68,14 @@ def main():
         corpus = bleu.corpus_score(case["hypotheses"], case["references"]).score
         sbleu = sacrebleu.BLEU(lowercase=case["lowercase"], effective_order=True)
         sentence = [sbleu.sentence_score(h, [r[i] for r in case["references"]]).score for i, h in enumerate(case["hypotheses"])]
-        out["bleu"].append({**case, "corpus": corpus, "sentence": sentence})
+        row = {**case, "corpus": corpus, "sentence": sentence}
+        if not case["lowercase"]:
+            for key, word_order in (("chrf", 0), ("chrf++", 2)):
+                chrf = sacrebleu.CHRF(word_order=word_order)
+                row[key] = {"corpus": chrf.corpus_score(case["hypotheses"], case["references"]).score,
+                            "sentence": [chrf.sentence_score(h, [r[i] for r in case["references"]]).score
+                                         for i, h in enumerate(case["hypotheses"])]}
+        out["bleu"].append(row)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     out["rouge_score"] = "0.1.2"
     out["rouge"] = []
