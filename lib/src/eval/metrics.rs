@@ -437,13 +437,7 @@ mod tests {
             if case["lowercase"].as_bool().unwrap() {
                 continue;
             }
-            let hyps: Vec<&str> = case["hypotheses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-            let refs: Vec<Vec<&str>> = case["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect())
-                .collect();
+            let (hyps, refs) = hypotheses_and_references(case);
             for (key, m) in [("chrf", Chrf::default()), ("chrf++", Chrf::plus_plus())] {
                 let want = case[key]["corpus"].as_f64().unwrap();
                 let got = m.corpus(&hyps, &refs);
@@ -472,6 +466,14 @@ mod tests {
         }
     }
 
+    /// A case's hypotheses and reference streams.
+    fn hypotheses_and_references(case: &Value) -> (Vec<&str>, Vec<Vec<&str>>) {
+        fn strs(v: &Value) -> Vec<&str> {
+            v.as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect()
+        }
+        (strs(&case["hypotheses"]), case["references"].as_array().unwrap().iter().map(strs).collect())
+    }
+
     fn reference() -> Value {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/eval_metrics_reference.json");
         serde_json::from_str(&std::fs::read_to_string(p).expect("reference data")).expect("json")
@@ -490,13 +492,7 @@ mod tests {
     fn corpus_and_sentence_bleu_equal_sacrebleus() {
         let r = reference();
         for case in r["bleu"].as_array().unwrap() {
-            let hyps: Vec<&str> = case["hypotheses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-            let refs: Vec<Vec<&str>> = case["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|s| s.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect())
-                .collect();
+            let (hyps, refs) = hypotheses_and_references(case);
             let bleu = Bleu { lowercase: case["lowercase"].as_bool().unwrap() };
             let got = bleu.corpus(&hyps, &refs);
             let want = case["corpus"].as_f64().unwrap();
