@@ -8,6 +8,7 @@
 //! serves), `server.log` (its output) and `api_keys` (mode 0600) when a key is set.
 
 use super::Serve;
+use crate::runs::worker_alive;
 use crate::display::{Render, Table};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -194,17 +195,10 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0 && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) == Some("Z")
-    })
-}
-
 /// Whether `pid` is this endpoint's worker: alive, and running `serve --endpoint-dir DIR`
 /// (a pid reused by another process after a reboot or a crash is not ours to signal).
 fn is_worker(pid: u32, dir: &Path) -> bool {
-    alive(pid)
+    worker_alive(pid)
         && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
             let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
             args.iter().any(|a| *a == b"serve") && args.iter().any(|a| *a == dir.as_os_str().as_encoded_bytes())
@@ -364,7 +358,7 @@ impl Endpoint {
         // SAFETY: plain signals to our own worker.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let t0 = Instant::now();
-        while alive(self.file.pid) {
+        while worker_alive(self.file.pid) {
             if t0.elapsed() > Duration::from_secs(30) {
                 // SAFETY: as above.
                 unsafe { libc::kill(pid, libc::SIGKILL) };

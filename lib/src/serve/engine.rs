@@ -100,7 +100,6 @@ struct Seq {
     text: TextStream,
     /// Log-probabilities not yet sent, with the text offset where each token starts.
     pending: VecDeque<(usize, TokenLogprob)>,
-    first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
     /// The client went away.
     gone: bool,
@@ -132,7 +131,6 @@ pub(crate) fn run(model: Arc<Model>, jobs: mpsc::Receiver<Job>, limits: EngineLi
             produced: 0,
             text,
             pending: VecDeque::new(),
-            first_token_at: None,
             last_token_at: None,
             gone: false,
         })
@@ -202,11 +200,10 @@ pub(crate) fn run(model: Arc<Model>, jobs: mpsc::Receiver<Job>, limits: EngineLi
             steps.push(SeqStep { tokens, cache: &mut s.cache, adapter: s.job.adapter.as_deref() });
             who.push(i);
         }
-        let prefill_tokens: usize = chunks.iter().flatten().map(|c| c.1).sum();
         let t0 = Instant::now();
         let out = rayon::scope(|_| model.llama.forward_batch(&mut steps));
         drop(steps);
-        metrics.observe_step(t0.elapsed().as_secs_f64(), who.len(), prefill_tokens);
+        metrics.observe_step(t0.elapsed().as_secs_f64(), who.len());
         let logits = match out {
             Ok(l) => l,
             Err(e) => {
@@ -261,10 +258,7 @@ fn advance(s: &mut Seq, logits: &[f32], eos: &[u32], tok: &crate::tokenize::Toke
     let id = s.sampler.sample(logits, &s.context);
     let now = Instant::now();
     match s.last_token_at {
-        None => {
-            s.first_token_at = Some(now);
-            metrics.observe_ttft(now.duration_since(s.job.arrived).as_secs_f64());
-        }
+        None => metrics.observe_ttft(now.duration_since(s.job.arrived).as_secs_f64()),
         Some(t) => metrics.observe_itl(now.duration_since(t).as_secs_f64()),
     }
     s.last_token_at = Some(now);

@@ -344,17 +344,17 @@ async fn respond(s: Arc<Server>, p: Prepared, kind: Kind) -> Response {
         return stream_response(rx, admission, StreamCtx { id, object: chunk_object, created, model, kind, include_usage, logprobs, log });
     }
     let mut rx = rx;
-    let (mut text, mut lps) = (String::new(), Vec::<TokenLogprob>::new());
+    let mut lps = Vec::<TokenLogprob>::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Text { text: t, logprobs: l } => {
-                text.push_str(&t);
                 log.partial.push_str(&t);
                 lps.extend(l);
             }
             Event::Done { finish, prompt_tokens, completion_tokens } => {
                 drop(admission);
                 let lp = logprobs.then(|| if kind == Kind::Chat { api::chat_logprobs(&lps) } else { api::completion_logprobs(&lps) });
+                let text = &log.partial;
                 let choice = match kind {
                     Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish.as_str()}),
                     Kind::Completion => json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish.as_str()}),
@@ -387,7 +387,7 @@ struct LogCtx {
     request: Value,
     started: Instant,
     client_request_id: Option<String>,
-    /// Text sent so far.
+    /// The answer's text so far (all of it once the request is done).
     partial: String,
     logged: bool,
 }
@@ -471,15 +471,15 @@ enum StreamState {
 
 fn stream_response(rx: UnboundedReceiver<Event>, admission: Admission, ctx: StreamCtx) -> Response {
     let data = |v: &Value| SseEvent::default().data(v.to_string());
-    let state = (StreamState::Start, rx, Some(admission), ctx, String::new(), 0usize);
-    let s = futures::stream::unfold(state, move |(st, mut rx, mut adm, mut ctx, mut text, mut offset)| async move {
+    let state = (StreamState::Start, rx, Some(admission), ctx);
+    let s = futures::stream::unfold(state, move |(st, mut rx, mut adm, mut ctx)| async move {
         match st {
             StreamState::Start => {
                 let first = match ctx.kind {
                     Kind::Chat => ctx.chunk(json!({"role": "assistant", "content": ""}), None, None),
-                    Kind::Completion => return Some((Ok::<_, std::convert::Infallible>(SseEvent::default().comment("start")), (StreamState::Running, rx, adm, ctx, text, offset))),
+                    Kind::Completion => return Some((Ok::<_, std::convert::Infallible>(SseEvent::default().comment("start")), (StreamState::Running, rx, adm, ctx))),
                 };
-                Some((Ok(data(&first)), (StreamState::Running, rx, adm, ctx, text, offset)))
+                Some((Ok(data(&first)), (StreamState::Running, rx, adm, ctx)))
             }
             StreamState::Running => match rx.recv().await {
                 Some(Event::Text { text: t, logprobs }) => {
@@ -487,14 +487,12 @@ fn stream_response(rx: UnboundedReceiver<Event>, admission: Admission, ctx: Stre
                         Kind::Chat => api::chat_logprobs(&logprobs),
                         Kind::Completion => api::completion_logprobs(&logprobs),
                     });
-                    offset += t.len();
-                    text.push_str(&t);
                     ctx.log.partial.push_str(&t);
                     let body = match ctx.kind {
                         Kind::Chat => json!({"content": t}),
                         Kind::Completion => json!(t),
                     };
-                    Some((Ok(data(&ctx.chunk(body, lp, None))), (StreamState::Running, rx, adm, ctx, text, offset)))
+                    Some((Ok(data(&ctx.chunk(body, lp, None))), (StreamState::Running, rx, adm, ctx)))
                 }
                 Some(Event::Done { finish, prompt_tokens, completion_tokens }) => {
                     adm.take();
@@ -506,28 +504,28 @@ fn stream_response(rx: UnboundedReceiver<Event>, admission: Admission, ctx: Stre
                         u["usage"] = api::usage(prompt_tokens, completion_tokens);
                         rest.push(u);
                     }
-                    let full = full_response(&ctx, &text, finish, prompt_tokens, completion_tokens);
+                    let full = full_response(&ctx, &ctx.log.partial, finish, prompt_tokens, completion_tokens);
                     ctx.log.done(&full, prompt_tokens, completion_tokens);
-                    Some((Ok(data(&last)), (StreamState::Finishing(rest), rx, adm, ctx, text, offset)))
+                    Some((Ok(data(&last)), (StreamState::Finishing(rest), rx, adm, ctx)))
                 }
                 Some(Event::Failed(msg)) => {
                     adm.take();
                     let e = ApiError::internal(format!("Generation failed: {msg}"));
                     ctx.log.failed(&e);
-                    Some((Ok(data(&e.body())), (StreamState::Finishing(vec![]), rx, adm, ctx, text, offset)))
+                    Some((Ok(data(&e.body())), (StreamState::Finishing(vec![]), rx, adm, ctx)))
                 }
                 None => {
                     let e = ApiError::internal("The engine ended the request without an answer.");
                     ctx.log.failed(&e);
-                    Some((Ok(data(&e.body())), (StreamState::Finishing(vec![]), rx, adm, ctx, text, offset)))
+                    Some((Ok(data(&e.body())), (StreamState::Finishing(vec![]), rx, adm, ctx)))
                 }
             },
             StreamState::Finishing(mut rest) => {
                 if rest.is_empty() {
-                    Some((Ok(SseEvent::default().data("[DONE]")), (StreamState::Over, rx, adm, ctx, text, offset)))
+                    Some((Ok(SseEvent::default().data("[DONE]")), (StreamState::Over, rx, adm, ctx)))
                 } else {
                     let v = rest.remove(0);
-                    Some((Ok(data(&v)), (StreamState::Finishing(rest), rx, adm, ctx, text, offset)))
+                    Some((Ok(data(&v)), (StreamState::Finishing(rest), rx, adm, ctx)))
                 }
             }
             StreamState::Over => None,

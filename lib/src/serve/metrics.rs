@@ -122,7 +122,7 @@ impl Metrics {
         self.hist().queue.observe(s);
     }
 
-    pub(crate) fn observe_step(&self, s: f64, sequences: usize, _prefill_tokens: usize) {
+    pub(crate) fn observe_step(&self, s: f64, sequences: usize) {
         self.steps.fetch_add(1, Ordering::Relaxed);
         self.step_sequences.fetch_add(sequences as u64, Ordering::Relaxed);
         self.hist().step.observe(s);
@@ -144,18 +144,6 @@ impl Metrics {
     pub(crate) fn count_http(&self, handler: &str, method: &str, status: u16) {
         let mut m = self.http.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry((handler.to_string(), method.to_string(), status)).or_insert(0) += 1;
-    }
-
-    /// Requests by status code so far (for the notebook display).
-    pub fn requests_by_status(&self) -> Vec<(u16, u64)> {
-        let m = self.http.lock().unwrap_or_else(|p| p.into_inner());
-        let mut by: std::collections::BTreeMap<u16, u64> = Default::default();
-        for ((h, _, s), n) in m.iter() {
-            if h.starts_with("/v1/") && h.ends_with("completions") {
-                *by.entry(*s).or_insert(0) += n;
-            }
-        }
-        by.into_iter().collect()
     }
 
     /// The exposition text.
