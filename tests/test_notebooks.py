@@ -87,7 +87,12 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
     cells = outputs_by_tag(nb)
 
     assert "<table>" in cells["data"][-1]["data"]["text/html"]
-    assert "exact match" in cells["before"][-1]["data"]["text/plain"]
+    assert "exact_match" in cells["before"][-1]["data"]["text/plain"]
+    # Base and fine-tuned side by side: every metric, the difference with its interval,
+    # and the links to the MLflow runs the evaluation logged.
+    after = cells["after"][-1]["data"]["text/plain"]
+    for s in ("fine-tuned", "exact_match", "f1", "rougeL", "Δ (95% CI)", "MLflow: http://"):
+        assert s in after, after
 
     # The live progress bar: one display, updated in place to the end.
     bars = [o for o in cells["wait"] if o["output_type"] == "display_data"]

@@ -113,19 +113,15 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         eval: usize,
     },
-    /// Exact-match accuracy of a model on chat data (answers the conversation minus its last message).
-    Evaluate {
-        /// Model directory, adapter directory, .gguf file or Hugging Face id.
-        #[arg(long)]
-        model: String,
-        /// Chat data (.jsonl, .parquet, Delta table).
-        data: String,
-        /// At most this many rows (0: all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        /// Most tokens per answer.
-        #[arg(long, default_value_t = 32)]
-        max_tokens: usize,
+    /// Evaluate models on held-out data: generate answers (local models through the
+    /// serving engine, or any OpenAI-compatible endpoint), score them, compare each model
+    /// with the first, and log to MLflow. Exits 1 when a --gate fails.
+    Eval {
+        /// Evaluation data: chat rows (the last assistant message is the reference) or prompt/response rows.
+        #[command(flatten)]
+        source: Source,
+        #[command(flatten)]
+        args: tunebook::eval::cli::EvalArgs,
     },
     /// List, inspect and cancel fine-tuning runs.
     #[command(subcommand)]
@@ -332,11 +328,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tunebook::train::sample::write(&dir, train, eval)?;
             println!("wrote {}/dates-train.jsonl ({train} rows) and dates-eval.jsonl ({eval} rows)", dir.display());
         }
-        Command::Evaluate { model, data, limit, max_tokens } => {
-            let m = tunebook::model::Model::load(&model)?;
-            let ds = tunebook::data::Dataset::open(&data)?;
-            let r = tunebook::train::sample::exact_match(&m, &ds, limit, max_tokens)?;
-            println!("{}\naccuracy {:.4}", r.text_plain(), r.accuracy);
+        Command::Eval { source, mut args } => {
+            args.data = source.source.clone();
+            args.source = source.args();
+            if !tunebook::eval::cli::run_eval_cli(&args)? {
+                return Ok(ExitCode::from(EXIT_NEGATIVE));
+            }
         }
         Command::Runs(cmd) => match cmd {
             RunsCommand::List => tunebook::train::cli::list()?,

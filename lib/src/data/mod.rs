@@ -37,6 +37,7 @@ pub use display::{Preview, TokenHistogram};
 pub use pack::{PackOptions, Packed, Window};
 pub use prepare::{ChatLoss, OverLength, PrepareOptions, Stats, TokenizedExample, Tokenized};
 pub use validate::{Problem, Rule, ValidationReport};
+pub(crate) use validate::{Example, any_to_json};
 
 use polars::prelude::*;
 

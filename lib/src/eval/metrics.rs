@@ -16,23 +16,6 @@
 
 use std::collections::HashMap;
 
-/// Whether `answer` equals one of `references` after trimming both; `ignore_case` and
-/// `ignore_punctuation` compare lower-cased text without ASCII punctuation.
-pub fn exact_match(answer: &str, references: &[&str], ignore_case: bool, ignore_punctuation: bool) -> bool {
-    let norm = |s: &str| {
-        let mut t = s.trim().to_string();
-        if ignore_case {
-            t = t.to_lowercase();
-        }
-        if ignore_punctuation {
-            t.retain(|c| !c.is_ascii_punctuation());
-        }
-        t
-    };
-    let a = norm(answer);
-    references.iter().any(|r| norm(r) == a)
-}
-
 /// Whether Python's `str.split()` splits at `c` (Unicode whitespace, and the ASCII
 /// separators U+001C–U+001F, which Rust's `char::is_whitespace` leaves out).
 fn py_space(c: char) -> bool {
@@ -307,7 +290,8 @@ impl Chrf {
         out
     }
 
-    fn f_score(&self, stats: &[usize]) -> f64 {
+    /// The chrF score (0–100) of summed `[hyp, ref, match]` counts per order.
+    pub fn f_score(&self, stats: &[usize]) -> f64 {
         let eps = 1e-16;
         let factor = 4.0; // β²
         let (mut avg_p, mut avg_r, mut eff) = (0.0, 0.0, 0usize);
@@ -330,7 +314,7 @@ impl Chrf {
     }
 
     /// `[hyp, ref, match]` counts per order against the best of `references`.
-    fn stats(&self, hypothesis: &str, references: &[&str]) -> Vec<usize> {
+    pub fn stats(&self, hypothesis: &str, references: &[&str]) -> Vec<usize> {
         let hyp = self.ngrams(hypothesis);
         let mut best: (f64, Vec<usize>) = (-1.0, vec![]);
         for r in references {
@@ -383,14 +367,77 @@ impl Rouge {
     }
 }
 
-/// `rouge-score`'s tokens: the text lower-cased, then its runs of `a-z0-9`.
-pub fn rouge_tokens(text: &str) -> Vec<String> {
+/// `rouge-score`'s tokens: the text lower-cased, then its runs of `a-z0-9` (other scripts
+/// give no tokens); with `stem`, tokens longer than 3 letters go through NLTK's Porter
+/// stemmer (`use_stemmer=True`).
+pub fn rouge_tokens(text: &str, stem: bool) -> Vec<String> {
     let lower = text.to_lowercase();
-    lower.split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit())).filter(|t| !t.is_empty()).map(str::to_string).collect()
+    lower
+        .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit()))
+        .filter(|t| !t.is_empty())
+        .map(|t| if stem && t.len() > 3 { super::porter::stem(t) } else { t.to_string() })
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
-/// ROUGE-N of `prediction` against `target` (`rouge1` for n = 1, `rouge2` for 2).
+/// Which ROUGE score (rouge-score's `rouge1`…`rouge9`, `rougeL`, `rougeLsum`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RougeType {
+    /// n-gram overlap (`rouge1`, `rouge2`, …).
+    N(usize),
+    /// Longest common subsequence of the whole texts.
+    L,
+    /// Summary-level LCS over the texts' lines (split at `\n`), rouge-score's `rougeLsum`.
+    Lsum,
+}
+
+impl RougeType {
+    /// rouge-score's name of the score.
+    pub fn name(self) -> String {
+        match self {
+            RougeType::N(n) => format!("rouge{n}"),
+            RougeType::L => "rougeL".into(),
+            RougeType::Lsum => "rougeLsum".into(),
+        }
+    }
+}
+
+/// ROUGE of `prediction` against `target`, as rouge-score's `RougeScorer([kind], use_stemmer=stem).score(target, prediction)`.
+pub fn rouge(kind: RougeType, target: &str, prediction: &str, stem: bool) -> Rouge {
+    match kind {
+        RougeType::N(n) => ngram_overlap(&rouge_tokens(target, stem), &rouge_tokens(prediction, stem), n),
+        RougeType::L => lcs_score(&rouge_tokens(target, stem), &rouge_tokens(prediction, stem)),
+        RougeType::Lsum => {
+            let sents = |t: &str| t.split('\n').filter(|s| !s.is_empty()).map(|s| rouge_tokens(s, stem)).collect::<Vec<_>>();
+            summary_lcs(&sents(target), &sents(prediction))
+        }
+    }
+}
+
+/// The best ROUGE over several targets (rouge-score's `score_multi`: the target with the
+/// highest F1, the first on a tie).
+pub fn rouge_best(kind: RougeType, targets: &[&str], prediction: &str, stem: bool) -> Rouge {
+    let mut best: Option<Rouge> = None;
+    for t in targets {
+        let r = rouge(kind, t, prediction, stem);
+        if best.is_none_or(|b| r.fmeasure > b.fmeasure) {
+            best = Some(r);
+        }
+    }
+    best.unwrap_or(Rouge { precision: 0.0, recall: 0.0, fmeasure: 0.0 })
+}
+
+/// ROUGE-N of `prediction` against `target` without stemming (`rouge1` for n = 1, `rouge2` for 2).
 pub fn rouge_n(target: &str, prediction: &str, n: usize) -> Rouge {
+    rouge(RougeType::N(n), target, prediction, false)
+}
+
+/// ROUGE-L (longest common subsequence of tokens) of `prediction` against `target`, without stemming.
+pub fn rouge_l(target: &str, prediction: &str) -> Rouge {
+    rouge(RougeType::L, target, prediction, false)
+}
+
+fn ngram_overlap(t: &[String], p: &[String], n: usize) -> Rouge {
     fn grams(toks: &[String], n: usize) -> HashMap<&[String], usize> {
         let mut m: HashMap<&[String], usize> = HashMap::new();
         if n > 0 {
@@ -400,29 +447,298 @@ pub fn rouge_n(target: &str, prediction: &str, n: usize) -> Rouge {
         }
         m
     }
-    let (t, p) = (rouge_tokens(target), rouge_tokens(prediction));
-    let (tg, pg) = (grams(&t, n), grams(&p, n));
+    let (tg, pg) = (grams(t, n), grams(p, n));
     let overlap: usize = tg.iter().map(|(g, c)| (*c).min(pg.get(g).copied().unwrap_or(0))).sum();
     let (tc, pc): (usize, usize) = (tg.values().sum(), pg.values().sum());
     Rouge::new(overlap as f64 / pc.max(1) as f64, overlap as f64 / tc.max(1) as f64)
 }
 
-/// ROUGE-L (longest common subsequence of tokens) of `prediction` against `target`.
-pub fn rouge_l(target: &str, prediction: &str) -> Rouge {
-    let (t, p) = (rouge_tokens(target), rouge_tokens(prediction));
+/// The LCS length table of `a` and `b` (`(a.len()+1) × (b.len()+1)`, row-major).
+fn lcs_table(a: &[String], b: &[String]) -> Vec<u32> {
+    let w = b.len() + 1;
+    let mut t = vec![0u32; (a.len() + 1) * w];
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            t[i * w + j] = if a[i - 1] == b[j - 1] { t[(i - 1) * w + j - 1] + 1 } else { t[(i - 1) * w + j].max(t[i * w + j - 1]) };
+        }
+    }
+    t
+}
+
+fn lcs_score(t: &[String], p: &[String]) -> Rouge {
     if t.is_empty() || p.is_empty() {
         return Rouge { precision: 0.0, recall: 0.0, fmeasure: 0.0 };
     }
-    let mut prev = vec![0usize; p.len() + 1];
-    let mut cur = vec![0usize; p.len() + 1];
-    for ti in &t {
-        for (j, pj) in p.iter().enumerate() {
-            cur[j + 1] = if ti == pj { prev[j] + 1 } else { prev[j + 1].max(cur[j]) };
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    let lcs = prev[p.len()] as f64;
+    let lcs = lcs_table(t, p)[(t.len() + 1) * (p.len() + 1) - 1] as f64;
     Rouge::new(lcs / p.len() as f64, lcs / t.len() as f64)
+}
+
+/// The indices into `a` of one LCS of `a` and `b`, read back the way rouge-score does.
+fn lcs_indices(a: &[String], b: &[String]) -> Vec<usize> {
+    let t = lcs_table(a, b);
+    let w = b.len() + 1;
+    let (mut i, mut j) = (a.len(), b.len());
+    let mut out = Vec::new();
+    while i > 0 && j > 0 {
+        if a[i - 1] == b[j - 1] {
+            out.push(i - 1);
+            i -= 1;
+            j -= 1;
+        } else if t[i * w + j - 1] > t[(i - 1) * w + j] {
+            j -= 1;
+        } else {
+            i -= 1;
+        }
+    }
+    out.reverse();
+    out
+}
+
+/// rouge-score's summary-level LCS (the ROUGE paper's section 3.2).
+fn summary_lcs(refs: &[Vec<String>], cands: &[Vec<String>]) -> Rouge {
+    let zero = Rouge { precision: 0.0, recall: 0.0, fmeasure: 0.0 };
+    if refs.is_empty() || cands.is_empty() {
+        return zero;
+    }
+    let m: usize = refs.iter().map(Vec::len).sum();
+    let n: usize = cands.iter().map(Vec::len).sum();
+    if m == 0 || n == 0 {
+        return zero;
+    }
+    let mut count_r: HashMap<&str, usize> = HashMap::new();
+    let mut count_c: HashMap<&str, usize> = HashMap::new();
+    for t in refs.iter().flatten() {
+        *count_r.entry(t).or_insert(0) += 1;
+    }
+    for t in cands.iter().flatten() {
+        *count_c.entry(t).or_insert(0) += 1;
+    }
+    let mut hits = 0usize;
+    for r in refs {
+        let mut union: Vec<usize> = cands.iter().flat_map(|c| lcs_indices(r, c)).collect();
+        union.sort_unstable();
+        union.dedup();
+        for i in union {
+            let tok = r[i].as_str();
+            let (cc, cr) = (count_c.get(tok).copied().unwrap_or(0), count_r.get(tok).copied().unwrap_or(0));
+            if cc > 0 && cr > 0 {
+                hits += 1;
+                count_c.insert(tok, cc - 1);
+                count_r.insert(tok, cr - 1);
+            }
+        }
+    }
+    Rouge::new(hits as f64 / n as f64, hits as f64 / m as f64)
+}
+
+/// Exact match with lm-evaluation-harness's options (`exact_match_hf_evaluate`): the
+/// `regexes_to_ignore` are removed, then case, ASCII punctuation and digits as asked, then
+/// the strings must be equal; with several references, any one. By default surrounding
+/// whitespace is trimmed first (a generated answer's trailing newline is not a wrong
+/// answer); [`ExactMatch::no_trim`] gives lm-evaluation-harness's and MLflow's raw equality.
+#[derive(Clone, Debug)]
+pub struct ExactMatch {
+    pub trim: bool,
+    pub ignore_case: bool,
+    pub ignore_punctuation: bool,
+    pub ignore_numbers: bool,
+    pub regexes_to_ignore: Vec<regex::Regex>,
+}
+
+impl Default for ExactMatch {
+    fn default() -> Self {
+        Self { trim: true, ignore_case: false, ignore_punctuation: false, ignore_numbers: false, regexes_to_ignore: vec![] }
+    }
+}
+
+impl ExactMatch {
+    /// Compares the strings as they are (no trimming).
+    pub fn no_trim(mut self) -> Self {
+        self.trim = false;
+        self
+    }
+    /// Compares lower-cased strings.
+    pub fn ignore_case(mut self) -> Self {
+        self.ignore_case = true;
+        self
+    }
+    /// Removes ASCII punctuation (Python's `string.punctuation`) first.
+    pub fn ignore_punctuation(mut self) -> Self {
+        self.ignore_punctuation = true;
+        self
+    }
+    /// Removes the digits 0–9 first.
+    pub fn ignore_numbers(mut self) -> Self {
+        self.ignore_numbers = true;
+        self
+    }
+    /// Removes every match of `pattern` first (in the order added; Rust `regex` syntax,
+    /// which has no look-around).
+    pub fn ignore_regex(mut self, pattern: &str) -> anyhow::Result<Self> {
+        let re = regex::Regex::new(pattern).map_err(|e| anyhow::anyhow!("exact_match regex {pattern:?}: {e}"))?;
+        self.regexes_to_ignore.push(re);
+        Ok(self)
+    }
+
+    /// The string as compared.
+    pub fn normalize(&self, s: &str) -> String {
+        let mut t = if self.trim { s.trim_matches(py_space).to_string() } else { s.to_string() };
+        for re in &self.regexes_to_ignore {
+            t = re.replace_all(&t, "").into_owned();
+        }
+        if self.ignore_case {
+            t = t.to_lowercase();
+        }
+        if self.ignore_punctuation {
+            t.retain(|c| !c.is_ascii_punctuation());
+        }
+        if self.ignore_numbers {
+            t.retain(|c| !c.is_ascii_digit());
+        }
+        t
+    }
+
+    /// Whether `answer` matches one of `references`.
+    pub fn matches(&self, answer: &str, references: &[&str]) -> bool {
+        let a = self.normalize(answer);
+        references.iter().any(|r| self.normalize(r) == a)
+    }
+}
+
+/// Whether `answer` equals one of `references` after trimming both; `ignore_case` and
+/// `ignore_punctuation` compare lower-cased text without ASCII punctuation.
+pub fn exact_match(answer: &str, references: &[&str], ignore_case: bool, ignore_punctuation: bool) -> bool {
+    let mut m = ExactMatch::default();
+    m.ignore_case = ignore_case;
+    m.ignore_punctuation = ignore_punctuation;
+    m.matches(answer, references)
+}
+
+/// Replaces each maximal run of word characters (Python's `\w`) equal to `a`, `an` or
+/// `the` by a space: `re.sub(r"\b(a|an|the)\b", " ", text)`.
+fn remove_articles(text: &str) -> String {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if matches!(run.as_str(), "a" | "an" | "the") {
+            out.push(' ');
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if word(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
+/// SQuAD's answer normalisation (the official v1.1 script and Hugging Face's `squad`):
+/// lower case, ASCII punctuation removed, articles removed, whitespace collapsed.
+pub fn squad_normalize(s: &str) -> String {
+    let mut t = s.to_lowercase();
+    t.retain(|c| !c.is_ascii_punctuation());
+    remove_articles(&t).split(py_space).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// SQuAD token F1 (0–1) of `prediction`, the best over `references`.
+pub fn squad_f1(prediction: &str, references: &[&str]) -> f64 {
+    let p = squad_normalize(prediction);
+    let pt: Vec<&str> = p.split(' ').filter(|w| !w.is_empty()).collect();
+    let mut best = 0.0f64;
+    for r in references {
+        let g = squad_normalize(r);
+        let gt: Vec<&str> = g.split(' ').filter(|w| !w.is_empty()).collect();
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for w in &gt {
+            *counts.entry(w).or_insert(0) += 1;
+        }
+        let mut same = 0usize;
+        for w in &pt {
+            if let Some(c) = counts.get_mut(w) {
+                if *c > 0 {
+                    *c -= 1;
+                    same += 1;
+                }
+            }
+        }
+        let f1 = if same == 0 {
+            0.0
+        } else {
+            let (pr, rc) = (same as f64 / pt.len() as f64, same as f64 / gt.len() as f64);
+            2.0 * pr * rc / (pr + rc)
+        };
+        best = best.max(f1);
+    }
+    best
+}
+
+/// llm-foundry's answer normalisation for generation tasks: `_` and punctuation (ASCII plus
+/// `‘ ’ ´ \``) become spaces, lower case, articles removed, whitespace collapsed.
+pub fn foundry_normalize(s: &str) -> String {
+    let t: String =
+        s.replace('_', " ").to_lowercase().chars().map(|c| if c.is_ascii_punctuation() || "‘’´".contains(c) { ' ' } else { c }).collect();
+    remove_articles(&t).split(py_space).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// llm-foundry's generation exact match: the normalised answer starts with one of the
+/// normalised references.
+pub fn prefix_match(answer: &str, references: &[&str]) -> bool {
+    let a = foundry_normalize(answer);
+    references.iter().any(|r| a.starts_with(&foundry_normalize(r)))
+}
+
+/// BLEU (0–1) of one answer as MLflow's `bleu` metric computes it per row: Hugging Face
+/// `evaluate`'s `bleu` (tensorflow-nmt's `compute_bleu`: `13a` tokens, n-grams to 4, no
+/// smoothing, brevity against the shortest reference), 0 for an empty answer or
+/// reference and where that code divides by zero.
+pub fn hf_bleu(prediction: &str, references: &[&str]) -> f64 {
+    if prediction.is_empty() || references.iter().any(|r| r.is_empty()) || references.is_empty() {
+        return 0.0;
+    }
+    let split = |s: &str| tokenize_13a(s).split(' ').filter(|x| !x.is_empty()).map(str::to_string).collect::<Vec<_>>();
+    let hyp = split(prediction);
+    let mut merged: HashMap<Vec<String>, usize> = HashMap::new();
+    let mut ref_len = usize::MAX;
+    for r in references {
+        let toks = split(r);
+        ref_len = ref_len.min(toks.len());
+        let refs: Vec<&str> = toks.iter().map(String::as_str).collect();
+        for (g, c) in ngrams(&refs) {
+            let e = merged.entry(g).or_insert(0);
+            *e = (*e).max(c);
+        }
+    }
+    let hyps: Vec<&str> = hyp.iter().map(String::as_str).collect();
+    let mut matches = [0usize; MAX_ORDER];
+    for (g, c) in ngrams(&hyps) {
+        if let Some(&rc) = merged.get(&g) {
+            matches[g.len() - 1] += c.min(rc);
+        }
+    }
+    let mut precisions = [0.0f64; MAX_ORDER];
+    for (n, p) in precisions.iter_mut().enumerate() {
+        let possible = hyp.len() as i64 - n as i64;
+        *p = if possible > 0 { matches[n] as f64 / possible as f64 } else { 0.0 };
+    }
+    let geo = if precisions.iter().cloned().fold(f64::INFINITY, f64::min) > 0.0 {
+        precisions.iter().map(|p| p.ln() / MAX_ORDER as f64).sum::<f64>().exp()
+    } else {
+        0.0
+    };
+    if ref_len == 0 || hyp.is_empty() {
+        return 0.0; // ZeroDivisionError in the reference, which MLflow scores 0
+    }
+    let ratio = hyp.len() as f64 / ref_len as f64;
+    let bp = if ratio > 1.0 { 1.0 } else { (1.0 - 1.0 / ratio).exp() };
+    geo * bp
 }
 
 #[cfg(test)]

@@ -172,6 +172,15 @@ impl MlflowClient {
         self.call(Method::POST, endpoint, body)
     }
 
+    /// `POST {uri}{path}` with a JSON body, for routes outside `/api/2.0/mlflow`
+    /// (e.g. `/api/3.0/mlflow/traces`), decoded.
+    pub fn post_path<T: DeserializeOwned>(&self, path: &str, body: &Value) -> Result<T> {
+        let url = format!("{}{path}", self.config.uri);
+        let bytes = serde_json::to_vec(body)?;
+        let resp = self.send(path, || self.http.post(&url).header("Content-Type", "application/json").body(bytes.clone()))?;
+        decode(path, resp)
+    }
+
     /// `GET {uri}/health` once, without retries: true when the server answers `OK`.
     pub fn is_healthy(&self) -> bool {
         self.http

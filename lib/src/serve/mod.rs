@@ -11,6 +11,7 @@
 //! * `api`: the OpenAI wire format and its error envelope.
 //! * [`table`]: the Delta inference table.
 //! * [`Endpoint`]: the notebook handle: `tunebook serve` as a background worker.
+//! * [`generate_batch`]: many prompts through the engine without HTTP (evaluation's path).
 //!
 //! Prompts go through the model's own chat template ([`crate::tokenize::Tokenizer::encode_chat`],
 //! the code path training used) and text through [`crate::model::TextStream`] (the code
@@ -26,12 +27,14 @@
 //! ```
 
 pub mod api;
+mod batch;
 pub mod endpoint;
 mod engine;
 mod http;
 pub mod metrics;
 pub mod table;
 
+pub use batch::{BatchAnswer, BatchPrompt, generate_batch};
 pub use endpoint::{Endpoint, EndpointBuilder};
 pub use engine::EngineLimits;
 

@@ -6,9 +6,6 @@
 //! `data/sample/dates-{train,eval}.jsonl` (a test keeps the files and the generator
 //! in step).
 
-use crate::data::Dataset;
-use crate::display::{Render, Table};
-use crate::model::{GenerationConfig, Model};
 use crate::tokenize::Message;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -99,86 +96,6 @@ pub fn write(dir: impl AsRef<Path>, train: usize, eval: usize) -> Result<()> {
     Ok(())
 }
 
-/// Exact-match accuracy of a model on chat data: the model answers every
-/// conversation minus its last (assistant) message, greedily, and the answer
-/// must equal that message after trimming whitespace.
-#[derive(Clone, Debug)]
-pub struct ExactMatch {
-    /// Share of exact answers, 0..1.
-    pub accuracy: f64,
-    /// (prompt, expected, answer) for every example.
-    pub rows: Vec<(String, String, String)>,
-}
-
-/// Whether `answer` is exactly `expected`, ignoring surrounding whitespace.
-fn is_exact(expected: &str, answer: &str) -> bool {
-    expected.trim() == answer.trim()
-}
-
-impl ExactMatch {
-    /// Scores the rows.
-    fn new(rows: Vec<(String, String, String)>) -> Self {
-        let correct = rows.iter().filter(|(_, e, a)| is_exact(e, a)).count();
-        ExactMatch { accuracy: if rows.is_empty() { 0.0 } else { correct as f64 / rows.len() as f64 }, rows }
-    }
-
-    /// Exact answers.
-    pub fn correct(&self) -> usize {
-        self.rows.iter().filter(|(_, e, a)| is_exact(e, a)).count()
-    }
-}
-
-/// Scores `model` on the chat rows of `data` (at most `limit` rows; 0 for all).
-pub fn exact_match(model: &Model, data: &Dataset, limit: usize, max_new_tokens: usize) -> Result<ExactMatch> {
-    if data.df().column("messages").is_err() {
-        bail!("exact_match needs chat data with a `messages` column (found {:?})", data.df().get_column_names());
-    }
-    let n = if limit == 0 { data.len() } else { limit.min(data.len()) };
-    let g = GenerationConfig::greedy(max_new_tokens);
-    let mut df = data.df().select(["messages"])?.slice(0, n);
-    let mut buf = Vec::new();
-    use polars::prelude::SerWriter;
-    polars::prelude::JsonWriter::new(&mut buf).with_json_format(polars::prelude::JsonFormat::JsonLines).finish(&mut df)?;
-    let mut rows = Vec::with_capacity(n);
-    for (i, line) in String::from_utf8_lossy(&buf).lines().enumerate() {
-        crate::interrupt::check()?;
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        let messages: Vec<Message> = serde_json::from_value(v["messages"].clone())
-            .with_context(|| format!("row {i}: `messages` is not a list of role/content objects"))?;
-        let Some((last, prompt)) = messages.split_last() else { bail!("row {i}: no messages") };
-        if last.role != "assistant" {
-            bail!("row {i}: the last message is from `{}`, not `assistant`", last.role);
-        }
-        let out = model.chat_with(prompt, &g, |_| {})?;
-        let question = prompt.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
-        rows.push((question, last.content.clone(), out.text.trim().to_string()));
-    }
-    Ok(ExactMatch::new(rows))
-}
-
-impl ExactMatch {
-    fn table(&self) -> Table {
-        let mut t = Table::new(["date", "expected", "answer", "ok"]).title(format!(
-            "exact match {}/{} = {:.1}%",
-            self.correct(),
-            self.rows.len(),
-            self.accuracy * 100.0
-        ));
-        for (p, e, a) in self.rows.iter().take(10) {
-            t.push([p.lines().last().unwrap_or(p).to_string(), e.clone(), a.clone(), if is_exact(e, a) { "yes" } else { "no" }.into()]);
-        }
-        t
-    }
-}
-
-impl Render for ExactMatch {
-    fn text_plain(&self) -> String {
-        self.table().text_plain()
-    }
-    fn text_html(&self) -> Option<String> {
-        self.table().text_html()
-    }
-}
 #[cfg(test)]
 mod tests {
     use super::*;

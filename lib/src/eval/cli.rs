@@ -1,0 +1,123 @@
+//! The logic behind `tunebook eval` (the CLI parses arguments and calls this).
+
+use super::{Evaluation, Metric};
+use crate::data::cli::SourceArgs;
+use crate::display::Render;
+use anyhow::{Context, Result, bail};
+
+/// `tunebook eval`'s arguments (the data source and its column mapping are set by the caller).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EvalArgs {
+    #[arg(skip)]
+    pub data: String,
+    #[arg(skip)]
+    pub source: SourceArgs,
+    /// NAME=SOURCE (repeat; the first is the base): a model folder, .gguf, run, PEFT adapter, models:/name/N, name@alias, or http://host:port/v1.
+    #[arg(long = "model", required = true)]
+    pub models: Vec<String>,
+    /// Metrics (repeat or comma-separate): exact_match, prefix_match, f1, rouge1, rouge2, rougeL, rougeLsum (+_stem), bleu, bleu_hf, chrf, chrf++, answer_length, latency.
+    #[arg(long = "metric")]
+    pub metrics: Vec<String>,
+    /// A column of accepted answers (string or list of strings) replacing the data's own.
+    #[arg(long)]
+    pub references: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// A stop string (repeat).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Only the first N rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Sequences decoded together by a local model (answers do not depend on it).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Log to this MLflow experiment (one run per model, a parent run with the differences).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// The MLflow server (default: MLFLOW_TRACKING_URI).
+    #[arg(long)]
+    pub tracking_uri: Option<String>,
+    /// A file holding the API key for endpoint models (default: OPENAI_API_KEY).
+    #[arg(long)]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// METRIC:MIN_DELTA: pass only when the last model beats the first by at least MIN_DELTA.
+    #[arg(long)]
+    pub gate: Option<String>,
+    /// With --gate: set this alias on the candidate's registered-model version when the gate passes.
+    #[arg(long)]
+    pub promote_to: Option<String>,
+    /// Write the per-row results (.csv, .jsonl or .parquet).
+    #[arg(long)]
+    pub output: Option<std::path::PathBuf>,
+}
+
+/// Runs the evaluation, prints the summary; returns whether the gate (if any) passed.
+pub fn run_eval_cli(a: &EvalArgs) -> Result<bool> {
+    let data = crate::data::cli::open(&a.data, &a.source)?;
+    let mut ev = Evaluation::new(data).max_new_tokens(a.max_new_tokens).batch_size(a.batch_size).stop(a.stop.clone());
+    for m in &a.models {
+        let Some((name, source)) = m.split_once('=') else {
+            bail!("--model {m:?}: expected NAME=SOURCE (e.g. --model base=HuggingFaceTB/SmolLM2-135M-Instruct --model tuned=runs/dates-1)");
+        };
+        ev = ev.model(name, source);
+    }
+    if !a.metrics.is_empty() {
+        let metrics: Vec<Metric> = a.metrics.iter().flat_map(|m| m.split(',')).map(|m| Metric::parse(m.trim())).collect::<Result<_>>()?;
+        ev = ev.metrics(metrics);
+    }
+    if let Some(c) = &a.references {
+        ev = ev.references(c);
+    }
+    if let Some(n) = a.limit {
+        ev = ev.limit(n);
+    }
+    if let Some(e) = &a.experiment {
+        ev = ev.experiment(e);
+    }
+    if let Some(u) = &a.tracking_uri {
+        ev = ev.tracking_uri(u);
+    }
+    if let Some(f) = &a.api_key_file {
+        let key = std::fs::read_to_string(f).with_context(|| format!("reading the API key file {}", f.display()))?;
+        let key = key.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or_default().to_string();
+        if key.is_empty() {
+            bail!("the API key file {} holds no key", f.display());
+        }
+        ev = ev.api_key(key);
+    }
+    if let Some(g) = &a.gate {
+        let Some((metric, delta)) = g.rsplit_once(':') else { bail!("--gate {g:?}: expected METRIC:MIN_DELTA (e.g. exact_match:0.05)") };
+        let delta: f64 = delta.parse().with_context(|| format!("--gate {g:?}: {delta:?} is not a number"))?;
+        ev = ev.gate(metric, delta);
+        if let Some(alias) = &a.promote_to {
+            ev = ev.promote_to(alias);
+        }
+    } else if a.promote_to.is_some() {
+        bail!("--promote-to needs --gate METRIC:MIN_DELTA (promotion happens only when the gate passes)");
+    }
+    let result = ev.run()?;
+    println!("{}", result.text_plain());
+    if let Some(out) = &a.output {
+        write_frame(&mut result.rows()?, out)?;
+        println!("wrote the per-row results to {}", out.display());
+    }
+    Ok(result.gate_passed() != Some(false))
+}
+
+fn write_frame(df: &mut polars::prelude::DataFrame, path: &std::path::Path) -> Result<()> {
+    use polars::prelude::*;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let mut buf = Vec::new();
+    match ext {
+        "csv" => CsvWriter::new(&mut buf).finish(df)?,
+        "jsonl" | "json" => JsonWriter::new(&mut buf).with_json_format(JsonFormat::JsonLines).finish(df)?,
+        "parquet" => {
+            ParquetWriter::new(&mut buf).finish(df)?;
+        }
+        _ => bail!("--output {}: use a .csv, .jsonl or .parquet file", path.display()),
+    }
+    crate::files::write_atomic(path, &buf)?;
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! The answers of one model: local models through the serving engine, endpoints through
+//! `/v1/chat/completions`.
+
+use super::result::Answer;
+use super::{EvalRow, ModelSpec};
+use crate::model::GenerationConfig;
+use crate::serve::{BatchPrompt, generate_batch};
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Generation settings shared by every model of an evaluation.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub seed: u64,
+    pub temperature: f64,
+    pub batch_size: usize,
+    pub concurrency: usize,
+    pub api_key: Option<String>,
+}
+
+impl Settings {
+    fn generation(&self) -> GenerationConfig {
+        let mut g = if self.temperature > 0.0 {
+            GenerationConfig::sampled(self.max_new_tokens, self.temperature, self.seed)
+        } else {
+            GenerationConfig::greedy(self.max_new_tokens)
+        };
+        g.seed = self.seed;
+        g.stop_strings = self.stop.clone();
+        g
+    }
+}
+
+/// Whether `source` names an OpenAI-compatible endpoint.
+pub(crate) fn is_endpoint(source: &str) -> bool {
+    source.starts_with("http://") || source.starts_with("https://")
+}
+
+/// Every row's answer from `spec`.
+pub(crate) fn answers(spec: &ModelSpec, rows: &[EvalRow], s: &Settings) -> Result<Vec<Answer>> {
+    if is_endpoint(&spec.source) { endpoint_answers(spec, rows, s) } else { local_answers(&spec.source, rows, s) }
+}
+
+/// A run's name or folder is its trained model; anything else is what `serve` loads.
+pub(crate) fn local_model_path(source: &str) -> String {
+    let p = Path::new(source);
+    let run_dir = if p.is_dir() { Some(p.to_path_buf()) } else { crate::runs::resolve_run_dir(source).ok() };
+    if let Some(d) = run_dir {
+        if d.join("status.json").is_file() && d.join("model").is_dir() {
+            return d.join("model").display().to_string();
+        }
+    }
+    source.to_string()
+}
+
+fn local_answers(source: &str, rows: &[EvalRow], s: &Settings) -> Result<Vec<Answer>> {
+    let model = crate::serve::load_model(&local_model_path(source))?;
+    let Some(tok) = model.tokenizer.clone() else {
+        bail!("{source}: the model has no tokenizer (load it from a folder with tokenizer.json, or a GGUF)");
+    };
+    let mut prompts = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let tokens = tok.encode_chat(&r.prompt, true).with_context(|| format!("row {i}: rendering the prompt with the model's chat template"))?;
+        prompts.push(BatchPrompt { tokens, adapter: None });
+    }
+    let out = generate_batch(Arc::new(model), &prompts, &s.generation(), s.batch_size)?;
+    Ok(out
+        .into_iter()
+        .map(|a| Answer {
+            text: a.text,
+            truncated: a.truncated,
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: a.completion_tokens,
+            latency_s: a.latency.as_secs_f64(),
+        })
+        .collect())
+}
+
+/// `url` with `/v1` appended when it has no path.
+fn api_base(url: &str) -> String {
+    let u = url.trim_end_matches('/');
+    let after_scheme = u.split_once("://").map_or(u, |x| x.1);
+    if after_scheme.contains('/') { u.to_string() } else { format!("{u}/v1") }
+}
+
+fn endpoint_answers(spec: &ModelSpec, rows: &[EvalRow], s: &Settings) -> Result<Vec<Answer>> {
+    let base = api_base(&spec.source);
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build()?;
+    let auth = |rb: reqwest::blocking::RequestBuilder| match &s.api_key {
+        Some(k) => rb.bearer_auth(k),
+        None => rb,
+    };
+    let models: Value = {
+        let r = auth(client.get(format!("{base}/models"))).send().with_context(|| format!("GET {base}/models"))?;
+        let status = r.status();
+        let body = r.text().unwrap_or_default();
+        if !status.is_success() {
+            bail!("GET {base}/models: {status}: {body}{}", if status.as_u16() == 401 { " (set the API key with .api_key(..) or OPENAI_API_KEY)" } else { "" });
+        }
+        serde_json::from_str(&body).with_context(|| format!("GET {base}/models: not JSON: {body}"))?
+    };
+    let ids: Vec<String> = models["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
+    let model_id = if ids.contains(&spec.name) {
+        spec.name.clone()
+    } else if ids.len() == 1 {
+        ids[0].clone()
+    } else {
+        bail!("{base} serves {:?}: name the model after one of them (e.g. .model({:?}, {:?}))", ids, ids.first().cloned().unwrap_or_default(), spec.source);
+    };
+    let next = AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<Answer>>>> = rows.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..s.concurrency.min(rows.len()).max(1) {
+            scope.spawn(|| {
+                loop {
+                    if failed.load(Ordering::Relaxed) || crate::interrupt::requested() {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= rows.len() {
+                        return;
+                    }
+                    let r = ask(&client, &base, &model_id, &rows[i].prompt, s).with_context(|| format!("row {i}"));
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    *results[i].lock().expect("no panics while holding") = Some(r);
+                }
+            });
+        }
+    });
+    crate::interrupt::check()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in results {
+        match r.into_inner().expect("no panics while holding") {
+            Some(Ok(a)) => out.push(a),
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    if out.len() != rows.len() {
+        bail!("{} of {} rows got no answer", rows.len() - out.len(), rows.len());
+    }
+    Ok(out)
+}
+
+/// One chat completion, retried with backoff on 429, 5xx and connection errors.
+fn ask(client: &reqwest::blocking::Client, base: &str, model: &str, prompt: &[crate::tokenize::Message], s: &Settings) -> Result<Answer> {
+    let mut body = json!({
+        "model": model,
+        "messages": prompt,
+        "max_tokens": s.max_new_tokens,
+        "temperature": s.temperature,
+        "seed": s.seed,
+    });
+    if !s.stop.is_empty() {
+        body["stop"] = json!(s.stop);
+    }
+    let v = post_with_retries(client, &format!("{base}/chat/completions"), s.api_key.as_deref(), &body, 4)?;
+    let (v, latency) = v;
+    let choice = &v["choices"][0];
+    let Some(text) = choice["message"]["content"].as_str() else {
+        bail!("the answer has no choices[0].message.content: {v}");
+    };
+    Ok(Answer {
+        text: text.to_string(),
+        truncated: choice["finish_reason"].as_str() == Some("length"),
+        prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+        completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
+        latency_s: latency,
+    })
+}
+
+/// POSTs `body` as JSON and returns the JSON answer and the seconds the successful try
+/// took; 429, 5xx and connection errors are retried up to `tries` times (honouring
+/// `Retry-After`, else 0.5 s doubling).
+pub(crate) fn post_with_retries(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    api_key: Option<&str>,
+    body: &Value,
+    tries: u32,
+) -> Result<(Value, f64)> {
+    let mut wait = Duration::from_millis(500);
+    let mut last = String::new();
+    for attempt in 0..tries.max(1) {
+        if attempt > 0 {
+            std::thread::sleep(wait);
+            wait *= 2;
+        }
+        let t0 = Instant::now();
+        let mut rb = client.post(url).json(body);
+        if let Some(k) = api_key {
+            rb = rb.bearer_auth(k);
+        }
+        let resp = match rb.send() {
+            Ok(r) => r,
+            Err(e) => {
+                last = format!("{e}");
+                continue;
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp.headers().get("retry-after").and_then(|h| h.to_str().ok()).and_then(|s| s.parse::<f64>().ok());
+        let text = resp.text().unwrap_or_default();
+        if status.is_success() {
+            let v: Value = serde_json::from_str(&text).with_context(|| format!("POST {url}: the answer is not JSON: {text}"))?;
+            return Ok((v, t0.elapsed().as_secs_f64()));
+        }
+        if status.as_u16() == 429 || status.is_server_error() {
+            if let Some(s) = retry_after {
+                wait = Duration::from_secs_f64(s.clamp(0.0, 30.0));
+            }
+            last = format!("{status}: {text}");
+            continue;
+        }
+        bail!("POST {url}: {status}: {text}{}", if status.as_u16() == 401 { " (set the API key with .api_key(..) or OPENAI_API_KEY)" } else { "" });
+    }
+    bail!("POST {url}: gave up after {tries} tries; last: {last}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn endpoint_urls_get_v1_only_when_they_have_no_path() {
+        assert_eq!(super::api_base("http://127.0.0.1:8000"), "http://127.0.0.1:8000/v1");
+        assert_eq!(super::api_base("http://127.0.0.1:8000/"), "http://127.0.0.1:8000/v1");
+        assert_eq!(super::api_base("https://h/serving-endpoints/x/v1/"), "https://h/serving-endpoints/x/v1");
+    }
+}
