@@ -22,6 +22,8 @@
 pub mod cli;
 mod generate;
 pub mod metrics;
+#[cfg(test)]
+mod parity_tests;
 mod porter;
 mod result;
 mod score;
