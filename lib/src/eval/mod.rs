@@ -349,3 +349,51 @@ pub fn read_rows(data: &Dataset, references: Option<&str>) -> Result<Vec<EvalRow
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use polars::prelude::*;
+
+    #[test]
+    fn chat_rows_answer_the_conversation_before_the_last_assistant_turn() {
+        let msgs = r#"[{"role":"system","content":"Be brief."},{"role":"user","content":"2+2?"},{"role":"assistant","content":"4"}]"#;
+        let ds = Dataset::from_polars(df!("messages" => [msgs]).unwrap());
+        let rows = read_rows(&ds, None).unwrap();
+        assert_eq!(rows[0].prompt.len(), 2);
+        assert_eq!(rows[0].question(), "2+2?");
+        assert_eq!(rows[0].references, vec!["4".to_string()]);
+    }
+
+    #[test]
+    fn instruction_rows_with_mapped_columns_and_a_list_of_accepted_answers() {
+        let refs = Series::new("answers".into(), [Series::new("".into(), ["Paris", "paris, France"]), Series::new("".into(), ["4"])]);
+        let df = DataFrame::new(2, vec![
+            Column::new("q".into(), ["Capital of France?", "2+2?"]),
+            Column::new("a".into(), ["Paris", "four"]),
+            refs.into(),
+        ])
+        .unwrap();
+        let ds = Dataset::from_polars(df).columns(crate::data::Columns::default().prompt("q").response("a"));
+        let rows = read_rows(&ds, None).unwrap();
+        assert_eq!(rows[1].references, vec!["four".to_string()]);
+        let rows = read_rows(&ds, Some("answers")).unwrap();
+        assert_eq!(rows[0].references, vec!["Paris".to_string(), "paris, France".to_string()]);
+        assert_eq!(rows[0].prompt, vec![Message::user("Capital of France?")]);
+        let e = read_rows(&ds, Some("gold")).unwrap_err().to_string();
+        assert!(e.contains("no column `gold`") && e.contains("answers"), "{e}");
+    }
+
+    #[test]
+    fn a_run_without_models_or_with_a_gate_on_a_missing_metric_says_what_to_add() {
+        let ds = Dataset::from_polars(df!("prompt" => ["a"], "response" => ["b"]).unwrap());
+        let e = Evaluation::new(ds.clone()).run().unwrap_err().to_string();
+        assert!(e.contains("no model to evaluate"), "{e}");
+        let e = Evaluation::new(ds.clone()).model("a", "x").model("a", "y").run().unwrap_err().to_string();
+        assert!(e.contains("two models are named `a`"), "{e}");
+        let e = Evaluation::new(ds.clone()).model("a", "x").model("b", "y").gate("bleu", 1.0).run().unwrap_err().to_string();
+        assert!(e.contains("the gate's metric `bleu` is not among the metrics (exact_match)"), "{e}");
+        let e = Evaluation::new(ds).model("a", "x").metrics(["rogue"]).run().unwrap_err().to_string();
+        assert!(e.contains("unknown metric `rogue`"), "{e}");
+    }
+}

@@ -1,6 +1,7 @@
-//! A notebook's serving endpoint: `Endpoint` runs `tunebook serve` as a background worker
-//! on the SmolLM2 GGUF, answers over HTTP, is found again by name from a new handle (as
-//! after a kernel restart) and stops on request.
+//! Serving and evaluation on the SmolLM2 GGUF: a notebook's `Endpoint` runs `tunebook serve`
+//! as a background worker, answers over HTTP, is found again by name from a new handle (as
+//! after a kernel restart) and stops on request; an `Evaluation`'s greedy answers do not
+//! depend on how many rows are decoded together.
 
 mod common;
 
@@ -45,5 +46,36 @@ fn an_endpoint_runs_as_a_worker_that_a_new_handle_finds_by_name_and_stops() -> R
     let err = format!("{:#}", Endpoint::attach("smol").unwrap_err());
     assert!(err.contains("not running"), "{err}");
     assert!(Endpoint::list()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn evaluation_answers_are_identical_with_batch_size_1_and_16_and_equal_model_chat() -> Result<()> {
+    use tunebook::data::Dataset;
+    use tunebook::eval::Evaluation;
+    let Some(gguf) = common::gguf_or_skip("evaluation_answers_are_identical") else { return Ok(()) };
+    let data = Dataset::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/sample/dates-eval.jsonl"))?;
+    let gguf = gguf.display().to_string();
+    let run = |batch: usize| {
+        Evaluation::new(data.clone())
+            .model("smol", gguf.as_str())
+            .metrics(["exact_match", "rougeL"])
+            .limit(16)
+            .max_new_tokens(10)
+            .batch_size(batch)
+            .run()
+    };
+    let (one, sixteen) = (run(1)?, run(16)?);
+    let answers = |r: &tunebook::eval::EvalResult| r.models[0].answers.iter().map(|a| (a.text.clone(), a.truncated)).collect::<Vec<_>>();
+    assert_eq!(answers(&one), answers(&sixteen));
+    assert_eq!(one.score("smol", "rougeL"), sixteen.score("smol", "rougeL"));
+    // The serving path renders the prompt with the model's own template and stops at its
+    // end-of-turn token, as Model::chat does.
+    let model = tunebook::model::Model::load(&gguf)?;
+    let g = tunebook::model::GenerationConfig::greedy(10);
+    for i in [0, 7] {
+        let chat = model.chat_with(&one.rows[i].prompt, &g, |_| {})?;
+        assert_eq!(chat.text, one.models[0].answers[i].text, "row {i}");
+    }
     Ok(())
 }
