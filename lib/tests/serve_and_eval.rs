@@ -79,3 +79,42 @@ fn evaluation_answers_are_identical_with_batch_size_1_and_16_and_equal_model_cha
     }
     Ok(())
 }
+
+#[test]
+fn multiple_choice_and_reference_perplexity_score_log_likelihoods_of_a_local_model() -> Result<()> {
+    use polars::prelude::*;
+    use tunebook::data::Dataset;
+    use tunebook::eval::Evaluation;
+    let Some(gguf) = common::gguf_or_skip("multiple_choice_and_reference_perplexity") else { return Ok(()) };
+    let gguf = gguf.display().to_string();
+    let choices = Series::new(
+        "choices".into(),
+        [Series::new("".into(), ["Berlin", "Paris", "Madrid"]), Series::new("".into(), ["green", "blue", "red", "purple"])],
+    );
+    let df = DataFrame::new(2, vec![
+        Column::new("prompt".into(), ["What is the capital of France? Answer with one word.", "What color is a clear daytime sky? Answer with one word."]),
+        choices.into(),
+        Column::new("answer".into(), [1u32, 1]),
+    ])?;
+    let r = Evaluation::new(Dataset::from_polars(df))
+        .model("smol", gguf.as_str())
+        .multiple_choice("choices", "answer")
+        .metrics(["acc", "acc_norm"])
+        .run()?;
+    // The most likely choice is shown as the answer, and it is the right one here.
+    let answers: Vec<&str> = r.models[0].answers.iter().map(|a| a.text.as_str()).collect();
+    assert_eq!(answers, ["Paris", "blue"]);
+    assert_eq!(r.score("smol", "acc"), Some(1.0));
+    assert_eq!(r.models[0].answers[1].choice_logprobs.len(), 4);
+    assert!(r.models[0].answers[0].choice_logprobs.iter().all(|lp| *lp < 0.0));
+
+    let data = Dataset::open(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/sample/dates-eval.jsonl"))?;
+    let r = Evaluation::new(data).model("smol", gguf.as_str()).metrics(["perplexity", "token_accuracy"]).limit(6).run()?;
+    let (ppl, acc) = (r.score("smol", "perplexity").unwrap(), r.score("smol", "token_accuracy").unwrap());
+    assert!(ppl > 1.0 && ppl < 20.0 && acc > 0.0 && acc <= 1.0, "perplexity {ppl}, token accuracy {acc}");
+    // Token-weighted: the aggregate is exp(Σ NLL / Σ tokens), not the mean of row perplexities.
+    let rows: Vec<_> = r.models[0].answers.iter().map(|a| a.reference.clone().unwrap()).collect();
+    let (nll, n): (f64, usize) = rows.iter().fold((0.0, 0), |(s, n), c| (s - c.logprob, n + c.tokens));
+    assert!((ppl - (nll / n as f64).exp()).abs() < 1e-12);
+    Ok(())
+}

@@ -15,12 +15,21 @@ pub struct EvalArgs {
     /// NAME=SOURCE (repeat; the first is the base): a model folder, .gguf, run, PEFT adapter, models:/name/N, name@alias, or http://host:port/v1.
     #[arg(long = "model", required = true)]
     pub models: Vec<String>,
-    /// Metrics (repeat or comma-separate): exact_match, prefix_match, f1, rouge1, rouge2, rougeL, rougeLsum (+_stem), bleu, bleu_hf, chrf, chrf++, answer_length, latency.
+    /// Metrics (repeat or comma-separate): exact_match, prefix_match, f1, rouge1, rouge2, rougeL, rougeLsum (+_stem), bleu, bleu_hf, chrf, chrf++, answer_length, latency; acc, acc_norm (multiple choice); perplexity, token_accuracy (of the references).
     #[arg(long = "metric")]
     pub metrics: Vec<String>,
     /// A column of accepted answers (string or list of strings) replacing the data's own.
     #[arg(long)]
     pub references: Option<String>,
+    /// Multiple choice: the column holding each row's choices (with --answer; metrics acc, acc_norm).
+    #[arg(long, requires = "answer")]
+    pub choices: Option<String>,
+    /// Multiple choice: the column holding the correct choice (index, indices or text).
+    #[arg(long, requires = "choices")]
+    pub answer: Option<String>,
+    /// Send prompts as plain text instead of through the model's chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
     /// Most tokens per answer.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
@@ -69,6 +78,12 @@ pub fn run_eval_cli(a: &EvalArgs) -> Result<bool> {
     }
     if let Some(c) = &a.references {
         ev = ev.references(c);
+    }
+    if let (Some(c), Some(g)) = (&a.choices, &a.answer) {
+        ev = ev.multiple_choice(c, g);
+    }
+    if a.no_chat_template {
+        ev = ev.chat_template(false);
     }
     if let Some(n) = a.limit {
         ev = ev.limit(n);

@@ -22,6 +22,16 @@ pub(crate) struct Settings {
     pub batch_size: usize,
     pub concurrency: usize,
     pub api_key: Option<String>,
+    /// Prompts through the model's chat template (else plain text).
+    pub chat_template: bool,
+    /// Between a prompt and a scored continuation.
+    pub target_delimiter: String,
+    /// Some metric needs generated answers.
+    pub generate: bool,
+    /// Some metric needs the choices' log-likelihoods.
+    pub choices: bool,
+    /// Some metric needs the reference's log-likelihood.
+    pub references: bool,
 }
 
 impl Settings {
@@ -59,27 +69,91 @@ pub(crate) fn local_model_path(source: &str) -> String {
     source.to_string()
 }
 
+/// A prompt as plain text: its messages' contents, separated by blank lines.
+fn raw_prompt(prompt: &[crate::tokenize::Message]) -> String {
+    prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n")
+}
+
 fn local_answers(source: &str, rows: &[EvalRow], s: &Settings) -> Result<Vec<Answer>> {
-    let model = crate::serve::load_model(&local_model_path(source))?;
+    let model = Arc::new(crate::serve::load_model(&local_model_path(source))?);
     let Some(tok) = model.tokenizer.clone() else {
         bail!("{source}: the model has no tokenizer (load it from a folder with tokenizer.json, or a GGUF)");
     };
-    let mut prompts = Vec::with_capacity(rows.len());
+    // The prompt's text and ids: the chat template's rendering (with the assistant header)
+    // or the plain text with the tokenizer's special tokens.
+    let mut contexts = Vec::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
-        let tokens = tok.encode_chat(&r.prompt, true).with_context(|| format!("row {i}: rendering the prompt with the model's chat template"))?;
-        prompts.push(BatchPrompt { tokens, adapter: None });
+        let (text, ids) = if s.chat_template {
+            let text = tok.apply_chat_template(&r.prompt, true).with_context(|| format!("row {i}: rendering the prompt with the model's chat template"))?;
+            let ids = tok.encode(&text, false)?;
+            (text, ids)
+        } else {
+            let text = raw_prompt(&r.prompt);
+            let ids = tok.encode(&text, true)?;
+            (text, ids)
+        };
+        contexts.push((text, ids));
     }
-    let out = generate_batch(Arc::new(model), &prompts, &s.generation(), s.batch_size)?;
-    Ok(out
-        .into_iter()
-        .map(|a| Answer {
-            text: a.text,
-            truncated: a.truncated,
-            prompt_tokens: a.prompt_tokens,
-            completion_tokens: a.completion_tokens,
-            latency_s: a.latency.as_secs_f64(),
-        })
-        .collect())
+    let mut answers: Vec<Answer> = if s.generate {
+        let prompts: Vec<BatchPrompt> = contexts.iter().map(|(_, ids)| BatchPrompt { tokens: ids.clone(), adapter: None }).collect();
+        generate_batch(model.clone(), &prompts, &s.generation(), s.batch_size)?
+            .into_iter()
+            .map(|a| Answer {
+                text: a.text,
+                truncated: a.truncated,
+                prompt_tokens: a.prompt_tokens,
+                completion_tokens: a.completion_tokens,
+                latency_s: a.latency.as_secs_f64(),
+                ..Answer::default()
+            })
+            .collect()
+    } else {
+        contexts.iter().map(|(_, ids)| Answer { prompt_tokens: ids.len(), ..Answer::default() }).collect()
+    };
+    if s.choices || s.references {
+        for (i, (r, (ctx_text, ctx_ids))) in rows.iter().zip(&contexts).enumerate() {
+            crate::interrupt::check()?;
+            // lm-evaluation-harness's split: the whole text is tokenized and the context's
+            // tokens cut off, so a token spanning the boundary is not split differently.
+            let cont_ids = |cont: &str| -> Result<Vec<u32>> {
+                let whole = tok.encode(&format!("{ctx_text}{cont}"), !s.chat_template)?;
+                Ok(if whole.starts_with(ctx_ids) { whole[ctx_ids.len()..].to_vec() } else { tok.encode(cont, false)? })
+            };
+            let mut conts = Vec::new();
+            if s.choices {
+                for c in &r.choices {
+                    conts.push(cont_ids(&format!("{}{c}", s.target_delimiter))?);
+                }
+            }
+            if s.references {
+                let reference = r.references.first().map(String::as_str).unwrap_or("");
+                let text = if s.chat_template {
+                    // The answer as the template writes it, with its end-of-turn token.
+                    let mut conv = r.prompt.clone();
+                    conv.push(crate::tokenize::Message::assistant(reference));
+                    let full = tok.apply_chat_template(&conv, false)?;
+                    match full.strip_prefix(ctx_text.as_str()) {
+                        Some(rest) => rest.trim_end().to_string(),
+                        None => format!("{}{reference}", s.target_delimiter),
+                    }
+                } else {
+                    format!("{}{reference}", s.target_delimiter)
+                };
+                conts.push(cont_ids(&text)?);
+            }
+            let mut scores = model.llama.score_continuations(ctx_ids, &conts, None).with_context(|| format!("row {i}: scoring log-likelihoods"))?;
+            if s.references {
+                answers[i].reference = scores.pop();
+            }
+            answers[i].choice_logprobs = scores.into_iter().map(|c| c.logprob).collect();
+            if !s.generate && s.choices {
+                // The answer shown for a multiple-choice row is the most likely choice.
+                let best = answers[i].choice_logprobs.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0;
+                answers[i].text = r.choices[best].clone();
+            }
+        }
+    }
+    Ok(answers)
 }
 
 /// `url` with `/v1` appended when it has no path.
@@ -90,6 +164,9 @@ fn api_base(url: &str) -> String {
 }
 
 fn endpoint_answers(spec: &ModelSpec, rows: &[EvalRow], s: &Settings) -> Result<Vec<Answer>> {
+    if s.choices || s.references {
+        bail!("acc, acc_norm, perplexity and token_accuracy need the model's log-likelihoods: evaluate it as a local model (a chat endpoint returns none for the prompt)");
+    }
     let base = api_base(&spec.source);
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build()?;
     let auth = |rb: reqwest::blocking::RequestBuilder| match &s.api_key {
@@ -175,6 +252,7 @@ fn ask(client: &reqwest::blocking::Client, base: &str, model: &str, prompt: &[cr
         prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize,
         completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize,
         latency_s: latency,
+        ..Answer::default()
     })
 }
 

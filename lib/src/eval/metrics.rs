@@ -741,6 +741,30 @@ pub fn hf_bleu(prediction: &str, references: &[&str]) -> f64 {
     geo * bp
 }
 
+/// The index of the first maximum (NumPy's `argmax`), or `None` when `values` is empty.
+fn argmax(values: impl Iterator<Item = f64>) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, v) in values.enumerate() {
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|b| b.0)
+}
+
+/// lm-evaluation-harness's multiple-choice `acc`: 1 when the choice with the highest summed
+/// log-likelihood is a gold one.
+pub fn mc_acc(loglikelihoods: &[f64], gold: &[usize]) -> f64 {
+    argmax(loglikelihoods.iter().copied()).is_some_and(|p| gold.contains(&p)) as u8 as f64
+}
+
+/// lm-evaluation-harness's `acc_norm`: the same with each log-likelihood divided by its
+/// choice's length in characters.
+pub fn mc_acc_norm(loglikelihoods: &[f64], choices: &[&str], gold: &[usize]) -> f64 {
+    let norm = loglikelihoods.iter().zip(choices).map(|(ll, c)| ll / c.chars().count() as f64);
+    argmax(norm).is_some_and(|p| gold.contains(&p)) as u8 as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

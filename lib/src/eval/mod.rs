@@ -43,8 +43,12 @@ use anyhow::{Context, Result, bail};
 pub struct EvalRow {
     /// The conversation up to (not including) the answer.
     pub prompt: Vec<Message>,
-    /// Accepted answers (at least one).
+    /// Accepted answers (at least one; for multiple choice, the gold choices' texts).
     pub references: Vec<String>,
+    /// Multiple choice: the choices, scored by log-likelihood (empty otherwise).
+    pub choices: Vec<String>,
+    /// Multiple choice: the indices of the correct choices.
+    pub gold: Vec<usize>,
 }
 
 impl EvalRow {
@@ -94,6 +98,9 @@ pub struct Evaluation {
     gate: Option<Gate>,
     bootstrap: usize,
     traces: bool,
+    multiple_choice: Option<(String, String)>,
+    chat_template: bool,
+    target_delimiter: Option<String>,
 }
 
 impl Evaluation {
@@ -119,6 +126,9 @@ impl Evaluation {
             gate: None,
             bootstrap: 1000,
             traces: true,
+            multiple_choice: None,
+            chat_template: true,
+            target_delimiter: None,
         }
     }
 
@@ -234,9 +244,41 @@ impl Evaluation {
         self
     }
 
+    /// Multiple choice: `choices` names a column holding each row's choices (a list of
+    /// strings), `answer` the correct one (its index, a list of indices, or its text). The
+    /// metrics `acc` and `acc_norm` (lm-evaluation-harness's) score every choice by its
+    /// log-likelihood after the prompt; the prompt runs once and the choices as one batch.
+    pub fn multiple_choice(mut self, choices: impl Into<String>, answer: impl Into<String>) -> Self {
+        self.multiple_choice = Some((choices.into(), answer.into()));
+        self
+    }
+
+    /// Whether prompts go through the model's chat template (default: yes, as serving
+    /// does). Without it the user messages are joined as plain text, the way
+    /// lm-evaluation-harness prompts a base model.
+    pub fn chat_template(mut self, on: bool) -> Self {
+        self.chat_template = on;
+        self
+    }
+
+    /// What goes between the prompt and a choice or reference when they are scored by
+    /// log-likelihood (default: nothing with the chat template, a space without it, as
+    /// lm-evaluation-harness's `target_delimiter`).
+    pub fn target_delimiter(mut self, d: impl Into<String>) -> Self {
+        self.target_delimiter = Some(d.into());
+        self
+    }
+
     /// The rows as they will be evaluated.
     pub fn rows(&self) -> Result<Vec<EvalRow>> {
-        let mut rows = read_rows(&self.data, self.references_column.as_deref())?;
+        let mut rows = match &self.multiple_choice {
+            Some((choices, answer)) => {
+                let mut rows = read_prompts(&self.data)?;
+                read_choices(&self.data, choices, answer, &mut rows)?;
+                rows
+            }
+            None => read_rows(&self.data, self.references_column.as_deref())?,
+        };
         if let Some(n) = self.limit {
             rows.truncate(n);
         }
@@ -282,7 +324,15 @@ impl Evaluation {
             batch_size: self.batch_size,
             concurrency: self.concurrency,
             api_key: self.api_key.clone().or_else(|| std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty())),
+            chat_template: self.chat_template,
+            target_delimiter: self.target_delimiter.clone().unwrap_or_else(|| if self.chat_template { String::new() } else { " ".into() }),
+            generate: metrics.iter().any(Metric::needs_generation),
+            choices: metrics.iter().any(|m| matches!(m, Metric::Acc | Metric::AccNorm)),
+            references: metrics.iter().any(|m| matches!(m, Metric::Perplexity | Metric::TokenAccuracy)),
         };
+        if settings.choices && self.multiple_choice.is_none() {
+            bail!("acc and acc_norm score choices: say where they are with .multiple_choice(\"choices column\", \"answer column\")");
+        }
         let mut outcomes = Vec::with_capacity(self.models.len());
         for spec in &self.models {
             let answers = generate::answers(spec, &rows, &settings).with_context(|| format!("model `{}` ({})", spec.name, spec.source))?;
@@ -297,6 +347,85 @@ impl Evaluation {
         }
         Ok(result)
     }
+}
+
+/// The prompts of multiple-choice rows, which have no reference answer of their own: the
+/// chat column's messages (all of them), else the prompt column as a user message.
+fn read_prompts(data: &Dataset) -> Result<Vec<EvalRow>> {
+    let cols = data.column_mapping();
+    let (name, chat) = if data.df().column(&cols.messages).is_ok() { (cols.messages.as_str(), true) } else { (cols.prompt.as_str(), false) };
+    let c = data.df().column(name).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: no `{}` or `{}` column for the questions (columns: {:?}); map yours with .columns(..)",
+            data.source(),
+            cols.messages,
+            cols.prompt,
+            data.df().get_column_names()
+        )
+    })?;
+    let mut rows = Vec::with_capacity(c.len());
+    for i in 0..c.len() {
+        let v = crate::data::any_to_json(c.get(i)?);
+        let prompt = if chat {
+            let v = match v {
+                serde_json::Value::String(s) => serde_json::from_str(&s).unwrap_or(serde_json::Value::Null),
+                v => v,
+            };
+            serde_json::from_value::<Vec<Message>>(v)
+                .ok()
+                .filter(|m| !m.is_empty())
+                .with_context(|| format!("{} row {i}: `{name}` is not a list of {{role, content}} messages", data.source()))?
+        } else {
+            match v {
+                serde_json::Value::String(s) if !s.trim().is_empty() => vec![Message::user(s)],
+                _ => bail!("{} row {i}: `{name}` must be a non-empty string", data.source()),
+            }
+        };
+        rows.push(EvalRow { prompt, references: vec![], choices: vec![], gold: vec![] });
+    }
+    Ok(rows)
+}
+
+/// Adds each row's choices and gold indices from the columns `choices` (a list of strings)
+/// and `answer` (an index, a list of indices, or the correct choice's text).
+fn read_choices(data: &Dataset, choices: &str, answer: &str, rows: &mut [EvalRow]) -> Result<()> {
+    let col = |name: &str| {
+        data.df().column(name).map_err(|_| {
+            anyhow::anyhow!("{}: no column `{name}` for multiple choice (columns: {:?})", data.source(), data.df().get_column_names())
+        })
+    };
+    let (cc, ac) = (col(choices)?, col(answer)?);
+    for (i, row) in rows.iter_mut().enumerate() {
+        let where_ = |what: &str| format!("{} row {i}: `{what}`", data.source());
+        let ch: Vec<String> = match crate::data::any_to_json(cc.get(i)?) {
+            serde_json::Value::Array(a) => a.into_iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<_>>().unwrap_or_default(),
+            serde_json::Value::String(s) => serde_json::from_str(&s).unwrap_or_default(),
+            _ => vec![],
+        };
+        if ch.len() < 2 {
+            bail!("{} holds {} choice(s): expected a list of at least two strings", where_(choices), ch.len());
+        }
+        if ch.iter().any(String::is_empty) {
+            bail!("{} has an empty choice (acc_norm divides by its length)", where_(choices));
+        }
+        let gold: Vec<usize> = match crate::data::any_to_json(ac.get(i)?) {
+            serde_json::Value::Number(n) => n.as_u64().map(|g| vec![g as usize]).unwrap_or_default(),
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64().map(|g| g as usize)).collect(),
+            serde_json::Value::String(s) => match (s.parse::<usize>(), serde_json::from_str::<Vec<usize>>(&s)) {
+                (Ok(g), _) => vec![g],
+                (_, Ok(gs)) => gs,
+                _ => ch.iter().position(|c| *c == s).into_iter().collect(),
+            },
+            _ => vec![],
+        };
+        if gold.is_empty() || gold.iter().any(|&g| g >= ch.len()) {
+            bail!("{} must name a choice: an index below {}, a list of them, or one of the choices' texts", where_(answer), ch.len());
+        }
+        row.references = gold.iter().map(|&g| ch[g].clone()).collect();
+        row.choices = ch;
+        row.gold = gold;
+    }
+    Ok(())
 }
 
 /// Reads the rows of `data`: chat conversations whose last message is the assistant's
@@ -345,7 +474,7 @@ pub fn read_rows(data: &Dataset, references: Option<&str>) -> Result<Vec<EvalRow
             Some(e) => e[i].clone(),
             None => vec![reference],
         };
-        rows.push(EvalRow { prompt, references });
+        rows.push(EvalRow { prompt, references, choices: vec![], gold: vec![] });
     }
     Ok(rows)
 }

@@ -117,3 +117,17 @@ fn exact_match_prefix_match_squad_f1_and_mlflows_bleu_equal_their_references() {
         close(hf_bleu(p, &refs), num(&r["bleu_hf"]), "MLflow bleu", i, p, &refs);
     }
 }
+
+#[test]
+fn multiple_choice_acc_and_acc_norm_equal_lm_evaluation_harness() {
+    let f = fixture();
+    let items = f["multiple_choice"].as_array().unwrap();
+    assert_eq!(items.len(), 400);
+    for (i, it) in items.iter().enumerate() {
+        let lls: Vec<f64> = it["loglikelihoods"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let choices: Vec<&str> = it["choices"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let gold: Vec<usize> = it["gold"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(mc_acc(&lls, &gold), it["acc"].as_f64().unwrap(), "item {i} acc: {lls:?} gold {gold:?}");
+        assert_eq!(mc_acc_norm(&lls, &choices, &gold), it["acc_norm"].as_f64().unwrap(), "item {i} acc_norm: {lls:?} {choices:?} gold {gold:?}");
+    }
+}

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use polars::prelude::*;
 
 /// One model's answer to one row.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Answer {
     pub text: String,
     /// Cut by `max_new_tokens` (`finish_reason: "length"`).
@@ -16,6 +16,10 @@ pub struct Answer {
     pub completion_tokens: usize,
     /// Seconds from request to the last token.
     pub latency_s: f64,
+    /// Multiple choice: each choice's summed log-likelihood after the prompt.
+    pub choice_logprobs: Vec<f64>,
+    /// The reference answer's log-likelihood, when perplexity or token accuracy is asked for.
+    pub reference: Option<crate::model::ContinuationScore>,
 }
 
 /// One model's answers, per-row scores and summaries.
@@ -39,7 +43,7 @@ impl ModelOutcome {
             .map(|m| {
                 rows.iter()
                     .zip(&answers)
-                    .map(|(r, a)| m.score(a, &r.references.iter().map(String::as_str).collect::<Vec<_>>()))
+                    .map(|(r, a)| m.score(a, r))
                     .collect()
             })
             .collect();
@@ -246,10 +250,12 @@ impl EvalResult {
             }
             t.push(row);
         }
-        let mut cut = vec!["cut by max_new_tokens".to_string()];
-        cut.extend(self.models.iter().map(|m| format!("{}/{}", m.truncated(), self.rows.len())));
-        cut.extend(self.models.iter().skip(1).map(|_| String::new()));
-        t.push(cut);
+        if self.metrics.iter().any(Metric::needs_generation) {
+            let mut cut = vec!["cut by max_new_tokens".to_string()];
+            cut.extend(self.models.iter().map(|m| format!("{}/{}", m.truncated(), self.rows.len())));
+            cut.extend(self.models.iter().skip(1).map(|_| String::new()));
+            t.push(cut);
+        }
         t
     }
 

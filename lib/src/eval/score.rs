@@ -27,6 +27,17 @@ pub enum Metric {
     AnswerLength,
     /// Seconds from request to the answer's last token.
     Latency,
+    /// lm-evaluation-harness's multiple-choice accuracy: the most likely choice is correct.
+    Acc,
+    /// The same with log-likelihoods divided by the choices' lengths in characters.
+    AccNorm,
+    /// Perplexity of the reference answer (and the end-of-turn token after it): per row
+    /// `exp(mean NLL)`, aggregated over all tokens (`exp(Σ NLL / Σ tokens)`) as training's
+    /// eval perplexity is.
+    Perplexity,
+    /// Share of the reference's tokens that are the model's most likely next token
+    /// (training's `TokenAccuracy`), aggregated over all tokens.
+    TokenAccuracy,
     /// A name no metric has (an error when the evaluation runs).
     Unknown(String),
 }
@@ -50,6 +61,10 @@ pub const METRIC_NAMES: &[&str] = &[
     "chrf++",
     "answer_length",
     "latency",
+    "acc",
+    "acc_norm",
+    "perplexity",
+    "token_accuracy",
 ];
 
 impl From<&str> for Metric {
@@ -107,6 +122,10 @@ impl Metric {
             "chrf++" | "chrf_pp" => Metric::Chrf { word_order: 2 },
             "answer_length" => Metric::AnswerLength,
             "latency" => Metric::Latency,
+            "acc" => Metric::Acc,
+            "acc_norm" => Metric::AccNorm,
+            "perplexity" => Metric::Perplexity,
+            "token_accuracy" => Metric::TokenAccuracy,
             _ => bail!("unknown metric `{name}` (known: {})", METRIC_NAMES.join(", ")),
         })
     }
@@ -150,6 +169,10 @@ impl Metric {
             Metric::Chrf { .. } => "chrf_pp".into(),
             Metric::AnswerLength => "answer_length".into(),
             Metric::Latency => "latency".into(),
+            Metric::Acc => "acc".into(),
+            Metric::AccNorm => "acc_norm".into(),
+            Metric::Perplexity => "perplexity".into(),
+            Metric::TokenAccuracy => "token_accuracy".into(),
             Metric::Unknown(n) => n.clone(),
         }
     }
@@ -157,17 +180,24 @@ impl Metric {
     /// Whether a larger value is better (false for length and latency, which are reported,
     /// not judged).
     pub fn higher_is_better(&self) -> bool {
-        !matches!(self, Metric::AnswerLength | Metric::Latency)
+        !matches!(self, Metric::AnswerLength | Metric::Latency | Metric::Perplexity)
+    }
+
+    /// Whether the metric scores a generated answer (the others score log-likelihoods).
+    pub fn needs_generation(&self) -> bool {
+        !matches!(self, Metric::Acc | Metric::AccNorm | Metric::Perplexity | Metric::TokenAccuracy)
     }
 
     /// Whether the aggregate is a corpus score computed from summed statistics rather
     /// than the mean of the rows.
     pub fn is_corpus(&self) -> bool {
-        matches!(self, Metric::Bleu | Metric::Chrf { .. })
+        matches!(self, Metric::Bleu | Metric::Chrf { .. } | Metric::Perplexity | Metric::TokenAccuracy)
     }
 
     /// The row's value.
-    pub(crate) fn score(&self, answer: &Answer, references: &[&str]) -> RowValue {
+    pub(crate) fn score(&self, answer: &Answer, row: &super::EvalRow) -> RowValue {
+        let references: Vec<&str> = row.references.iter().map(String::as_str).collect();
+        let references = references.as_slice();
         let a = answer.text.as_str();
         let b = |x: bool| RowValue::Value(if x { 1.0 } else { 0.0 });
         match self {
@@ -188,6 +218,19 @@ impl Metric {
             }
             Metric::AnswerLength => RowValue::Value(answer.completion_tokens as f64),
             Metric::Latency => RowValue::Value(answer.latency_s),
+            Metric::Acc => RowValue::Value(super::metrics::mc_acc(&answer.choice_logprobs, &row.gold)),
+            Metric::AccNorm => {
+                let choices: Vec<&str> = row.choices.iter().map(String::as_str).collect();
+                RowValue::Value(super::metrics::mc_acc_norm(&answer.choice_logprobs, &choices, &row.gold))
+            }
+            Metric::Perplexity => match &answer.reference {
+                Some(r) if r.tokens > 0 => RowValue::Tokens { value: (-r.logprob / r.tokens as f64).exp(), sum: -r.logprob, tokens: r.tokens },
+                _ => RowValue::Tokens { value: f64::NAN, sum: 0.0, tokens: 0 },
+            },
+            Metric::TokenAccuracy => match &answer.reference {
+                Some(r) if r.tokens > 0 => RowValue::Tokens { value: r.greedy_hits as f64 / r.tokens as f64, sum: r.greedy_hits as f64, tokens: r.tokens },
+                _ => RowValue::Tokens { value: f64::NAN, sum: 0.0, tokens: 0 },
+            },
             Metric::Unknown(_) => RowValue::Value(f64::NAN),
         }
     }
@@ -219,6 +262,17 @@ impl Metric {
                 }
                 c.f_score(&sum)
             }
+            Metric::Perplexity | Metric::TokenAccuracy => {
+                let (mut sum, mut n) = (0.0, 0usize);
+                for i in idx {
+                    if let RowValue::Tokens { sum: s, tokens, .. } = &rows[i] {
+                        sum += s;
+                        n += tokens;
+                    }
+                }
+                let mean = sum / n as f64;
+                if matches!(self, Metric::Perplexity) { mean.exp() } else { mean }
+            }
             _ => {
                 let (mut s, mut n) = (0.0, 0usize);
                 for i in idx {
@@ -237,6 +291,8 @@ pub(crate) enum RowValue {
     Value(f64),
     Bleu { sentence: f64, stats: BleuStats },
     Chrf { sentence: f64, stats: Vec<usize> },
+    /// A per-token quantity: the row's own value, and its sum over the row's tokens.
+    Tokens { value: f64, sum: f64, tokens: usize },
 }
 
 impl RowValue {
@@ -245,6 +301,7 @@ impl RowValue {
         match self {
             RowValue::Value(v) => *v,
             RowValue::Bleu { sentence, .. } | RowValue::Chrf { sentence, .. } => *sentence,
+            RowValue::Tokens { value, .. } => *value,
         }
     }
 }

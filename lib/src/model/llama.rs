@@ -644,6 +644,20 @@ impl LlamaModel {
             let logits = self.decode_rows(&mut [&mut seq])?.pop().context("decode step: no logits")?;
             return Ok(Tensor::from_vec(logits, (1, self.config.vocab_size), &self.device)?.to_dtype(self.dtype)?);
         }
+        let x = self.cached_hidden(&ids, b, t, cache, adapter)?;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
+        if b == 1 {
+            if let Some(y) = self.packed_matvec(&last, self.lm_head_weight())? {
+                return Ok(y);
+            }
+        }
+        Ok(ops::linear(&last, self.lm_head_weight())?)
+    }
+
+    /// The hidden states `[B, T, C]` (before the final norm) of `ids` run after the tokens
+    /// in `cache`, whose keys and values are appended.
+    fn cached_hidden(&self, ids: &Tensor, b: usize, t: usize, cache: &mut KvCache, adapter: Option<&AdapterWeights>) -> Result<Tensor> {
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
             cache.len = 0;
@@ -659,14 +673,42 @@ impl LlamaModel {
             x = self.layer_forward(layer, &x, &rope, &mask, Some((slot, len)), ad, false)?;
         }
         cache.len += t;
-        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let last = ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps)?;
-        if b == 1 {
-            if let Some(y) = self.packed_matvec(&last, self.lm_head_weight())? {
-                return Ok(y);
-            }
+        Ok(x)
+    }
+
+    /// Like [`forward_cached_with`](Self::forward_cached_with), but the logits of every new
+    /// position, `[B, T, V]` in f32.
+    pub fn forward_cached_all_with(&self, input_ids: &Tensor, cache: &mut KvCache, adapter: Option<&AdapterWeights>) -> Result<Tensor> {
+        let (b, t, ids) = self.check_ids(input_ids)?;
+        if let Some(a) = adapter {
+            a.check_fits(self)?;
         }
-        Ok(ops::linear(&last, self.lm_head_weight())?)
+        let x = self.cached_hidden(&ids, b, t, cache, adapter)?;
+        let x = ops::rms_norm(&x.reshape((b * t, self.config.hidden_size))?, &self.norm, self.config.rms_norm_eps)?;
+        Ok(ops::linear(&x, self.lm_head_weight())?.to_dtype(DType::F32)?.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// A copy of `cache` whose every layer holds its tokens `n` times over (batch `n`), so
+    /// `n` continuations of one shared prefix run as one batch.
+    pub fn repeat_cache(cache: &KvCache, n: usize) -> Result<KvCache> {
+        let len = cache.len;
+        let mut layers = Vec::with_capacity(cache.layers.len());
+        for l in &cache.layers {
+            layers.push(match l {
+                Some((k, v)) => {
+                    let rep = |x: &Tensor| -> Result<Tensor> {
+                        let x = x.narrow(1, 0, len)?;
+                        if x.dim(0)? != 1 {
+                            bail!("repeat_cache: the cache holds a batch of {}, not 1", x.dim(0)?);
+                        }
+                        Ok(x.repeat((n, 1, 1))?)
+                    };
+                    Some((rep(k)?, rep(v)?))
+                }
+                None => None,
+            });
+        }
+        Ok(KvCache { layers, len })
     }
 
     /// Log-probabilities `[B, T, V]` (convenience for evaluation; materialises all logits).

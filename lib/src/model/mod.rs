@@ -26,6 +26,7 @@ pub mod config;
 pub mod generate;
 pub mod io;
 pub mod llama;
+pub mod loglik;
 pub mod lora;
 pub mod ops;
 pub mod tiny;
@@ -37,6 +38,7 @@ pub use generate::{
 };
 pub use io::{ModelSource, TensorData, hf_cache_dir, resolve_model, write_safetensors, write_safetensors_data};
 pub use llama::{DecoderLayer, KvCache, Linear, LlamaModel, LossTape, Packing};
+pub use loglik::{ContinuationScore, token_logprob};
 pub use lora::{ALL_TARGETS, LoraAdapter, Lora};
 pub use ops::IGNORE_INDEX;
 pub use tiny::write_tiny_model;

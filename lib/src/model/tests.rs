@@ -614,3 +614,30 @@ fn export_tiny_lora_for_peft() -> Result<()> {
     std::fs::write(dir.join("expected.json"), out.to_string())?;
     Ok(())
 }
+
+#[test]
+fn continuations_scored_as_one_batch_after_a_shared_context_equal_full_forward_passes() -> Result<()> {
+    let m = tiny()?;
+    let context = [1u32, 5, 9, 3];
+    let conts: Vec<Vec<u32>> = vec![vec![7], vec![60, 2, 11], vec![], vec![4, 4]];
+    let got = m.score_continuations(&context, &conts, None)?;
+    for (c, s) in conts.iter().zip(&got) {
+        // Reference: one uncached forward over context + continuation.
+        let mut all = context.to_vec();
+        all.extend(c);
+        let lp = m.log_probs(&ids(&all, 1)?)?.squeeze(0)?.to_vec2::<f32>()?;
+        let logits = m.forward(&ids(&all, 1)?)?.squeeze(0)?.to_vec2::<f32>()?;
+        let (mut want, mut hits) = (0f64, 0usize);
+        for (j, &t) in c.iter().enumerate() {
+            let pos = context.len() + j - 1;
+            want += lp[pos][t as usize] as f64;
+            let arg = logits[pos].iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+            hits += (arg == t as usize) as usize;
+        }
+        assert!((s.logprob - want).abs() < 1e-4, "{c:?}: {} vs {want}", s.logprob);
+        assert_eq!((s.tokens, s.greedy_hits), (c.len(), hits), "{c:?}");
+    }
+    assert!(m.score_continuations(&[], &conts, None).is_err());
+    assert!(m.score_continuations(&context, &[vec![100_000]], None).unwrap_err().to_string().contains("outside the vocabulary"));
+    Ok(())
+}

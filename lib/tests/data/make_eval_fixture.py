@@ -12,6 +12,8 @@ Porter stemmer changes, several references per row and multi-line text. Values:
   sacrebleu's way of varying the number of references);
 * lm-evaluation-harness 0.4.x `exact_match_hf_evaluate` (its few lines, repeated below): raw, and with regexes_to_ignore + ignore_case +
   ignore_punctuation + ignore_numbers;
+* lm-evaluation-harness's multiple-choice `acc` / `acc_norm` from 400 fixed log-likelihood
+  arrays (ties included);
 * llm-foundry's generation accuracy (normalised prefix match), SQuAD v1.1's token F1, and
   the per-row BLEU MLflow logs (Hugging Face `evaluate`'s `bleu`, i.e. tensorflow-nmt's
   `compute_bleu` without smoothing, 0 for empty text and where it divides by zero).
@@ -271,8 +273,24 @@ def hf_bleu(pred, refs):
         return 0.0
 
 
+# --- lm-evaluation-harness 0.4 multiple-choice `process_results`: acc and acc_norm
+def mc_item(i):
+    n = rng.randint(2, 5)
+    choices = [sentence(ASCII + UNICODE, 1, 6) for _ in range(n)]
+    lls = [round(-rng.random() * 30, rng.choice([1, 2, 8])) for _ in range(n)]
+    if rng.random() < 0.2:
+        lls[rng.randrange(n)] = max(lls)  # a tie: the first maximum wins
+    gold = sorted(rng.sample(range(n), rng.choice([1, 1, 1, 2])))
+    lls_a = np.array(lls)
+    completion_len = np.array([float(len(c)) for c in choices])
+    pred, pred_norm = np.argmax(lls_a), np.argmax(lls_a / completion_len)
+    return {"loglikelihoods": lls, "choices": choices, "gold": gold,
+            "acc": 1.0 if pred in gold else 0.0, "acc_norm": 1.0 if pred_norm in gold else 0.0}
+
+
 def main():
     rows = [make_row(i) for i in range(ROWS)]
+    mc = [mc_item(i) for i in range(400)]
     types = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
     scorers = {stem: rouge_scorer.RougeScorer(types, use_stemmer=stem) for stem in (False, True)}
     chrf, chrfpp = sacrebleu.CHRF(), sacrebleu.CHRF(word_order=2)
@@ -320,6 +338,7 @@ def main():
         "exact_match_regexes": regexes,
         "corpus": corpus,
         "rows": out_rows,
+        "multiple_choice": mc,
     }
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_parity_fixture.json.gz")
     with gzip.GzipFile(path, "wb", mtime=0) as f:
