@@ -39,7 +39,10 @@ def evaluated(tmp_path_factory):
         rows = [json.loads(l) for l in f][:ROWS]
     write_deltalake(str(d / "heldout"), pa.Table.from_pylist(rows))
     (d / "keys").write_text(KEY + "\n")
-    server = Server([GGUF, "--served-model-name", "smol", "--api-key-file", str(d / "keys"), "--max-concurrency", "8"])
+    # Two requests decoded at a time and one waiting: the evaluation (8 requests at once) and
+    # the judge (4) get 429s with Retry-After and must retry until every row is answered.
+    server = Server([GGUF, "--served-model-name", "smol", "--api-key-file", str(d / "keys"), "--max-concurrency", "2",
+                     "--max-queue", "3", "--inference-table", str(d / "served")])
     try:
         proc = eval_cmd(
             str(d / "heldout"),
@@ -47,6 +50,8 @@ def evaluated(tmp_path_factory):
             "--model", f"served={server.url}",
             "--api-key-file", str(d / "keys"),
             "--metric", ",".join(METRICS),
+            "--judge", server.url,
+            "--judge-max-tokens", "24",
             "--max-new-tokens", "12",
             "--batch-size", "5",
             "--experiment", "e2e-eval",
@@ -62,7 +67,7 @@ def evaluated(tmp_path_factory):
 def test_eval_prints_metric_by_model_with_the_difference_and_writes_every_row(evaluated):
     p = evaluated.proc
     assert p.returncode == 0, p.stderr
-    for s in ["local", "served", "Δ (95% CI)", "cut by max_new_tokens", "MLflow: http://", *METRICS]:
+    for s in ["local", "served", "Δ (95% CI)", "cut by max_new_tokens", "MLflow: http://", "correctness", *METRICS]:
         assert s in p.stdout, p.stdout
     with open(evaluated.dir / "rows.csv") as f:
         rows = list(csv.DictReader(f))
@@ -123,6 +128,22 @@ def test_mlflow_shows_one_run_per_model_the_tables_traces_and_the_differences(ev
         assert names["expected_response"].value == row["targets"]
         assert names["rougeL"].value == pytest.approx(row["rougeL/score"])
         assert [s.name for s in t.data.spans] == ["generate"]
+        # The judge (the served SmolLM2, asked in MLflow's format) left its verdict and rationale.
+        judged = names["correctness"]
+        assert judged.source.source_type == "LLM_JUDGE" and judged.source.source_id == "smol"
+        assert judged.value in ("yes", "no", None) and judged.rationale, judged
+
+
+def test_the_judge_asked_the_endpoint_at_temperature_0_in_mlflows_format_for_every_answer(evaluated):
+    from deltalake import DeltaTable
+
+    log = DeltaTable(str(evaluated.dir / "served")).to_pyarrow_table().to_pylist()
+    judge = [json.loads(r["request"]) for r in log if r["status_code"] == 200 and "<claim>" in r["request"]]
+    assert len(judge) == 2 * ROWS, "each model's every answer judged once"
+    for req in judge:
+        assert req["temperature"] == 0.0 and req["max_tokens"] == 24
+        content = req["messages"][0]["content"]
+        assert "<question>" in content and "<document>" in content and '"result": "yes|no"' in content
 
 
 def test_a_gate_the_candidate_does_not_pass_exits_1_and_bad_arguments_exit_2(tmp_path):

@@ -27,6 +27,18 @@ pub struct EvalArgs {
     /// Multiple choice: the column holding the correct choice (index, indices or text).
     #[arg(long, requires = "choices")]
     pub answer: Option<String>,
+    /// An OpenAI-compatible endpoint (http://host:port/v1) whose model judges every answer's correctness against the reference (MLflow's `correctness` judge).
+    #[arg(long)]
+    pub judge: Option<String>,
+    /// The judge endpoint's model (default: its only one).
+    #[arg(long, requires = "judge")]
+    pub judge_model: Option<String>,
+    /// Most tokens the judge may write per verdict.
+    #[arg(long, requires = "judge", default_value_t = 512)]
+    pub judge_max_tokens: usize,
+    /// A guideline the judge checks every answer against (repeat; MLflow's `guidelines` judge).
+    #[arg(long, requires = "judge")]
+    pub guideline: Vec<String>,
     /// Send prompts as plain text instead of through the model's chat template.
     #[arg(long)]
     pub no_chat_template: bool,
@@ -81,6 +93,19 @@ pub fn run_eval_cli(a: &EvalArgs) -> Result<bool> {
     }
     if let (Some(c), Some(g)) = (&a.choices, &a.answer) {
         ev = ev.multiple_choice(c, g);
+    }
+    if let Some(url) = &a.judge {
+        let with_model = |mut j: super::Judge| {
+            j.max_tokens = a.judge_max_tokens;
+            match &a.judge_model {
+                Some(m) => j.model(m),
+                None => j,
+            }
+        };
+        ev = ev.judge(with_model(super::Judge::correctness(url)));
+        if !a.guideline.is_empty() {
+            ev = ev.judge(with_model(super::Judge::guidelines(url, a.guideline.clone())));
+        }
     }
     if a.no_chat_template {
         ev = ev.chat_template(false);

@@ -157,7 +157,7 @@ fn local_answers(source: &str, rows: &[EvalRow], s: &Settings) -> Result<Vec<Ans
 }
 
 /// `url` with `/v1` appended when it has no path.
-fn api_base(url: &str) -> String {
+pub(crate) fn api_base(url: &str) -> String {
     let u = url.trim_end_matches('/');
     let after_scheme = u.split_once("://").map_or(u, |x| x.1);
     if after_scheme.contains('/') { u.to_string() } else { format!("{u}/v1") }
@@ -240,7 +240,7 @@ fn ask(client: &reqwest::blocking::Client, base: &str, model: &str, prompt: &[cr
     if !s.stop.is_empty() {
         body["stop"] = json!(s.stop);
     }
-    let v = post_with_retries(client, &format!("{base}/chat/completions"), s.api_key.as_deref(), &body, 4)?;
+    let v = post_with_retries(client, &format!("{base}/chat/completions"), s.api_key.as_deref(), &body, TRIES)?;
     let (v, latency) = v;
     let choice = &v["choices"][0];
     let Some(text) = choice["message"]["content"].as_str() else {
@@ -256,9 +256,12 @@ fn ask(client: &reqwest::blocking::Client, base: &str, model: &str, prompt: &[cr
     })
 }
 
+/// Tries per request to an endpoint (evaluated model or judge).
+pub(crate) const TRIES: u32 = 6;
+
 /// POSTs `body` as JSON and returns the JSON answer and the seconds the successful try
-/// took; 429, 5xx and connection errors are retried up to `tries` times (honouring
-/// `Retry-After`, else 0.5 s doubling).
+/// took. 429, 5xx and connection errors are retried up to `tries` times, waiting
+/// 0.5 s doubling (at most 30 s), or longer when the server's `Retry-After` says so.
 pub(crate) fn post_with_retries(
     client: &reqwest::blocking::Client,
     url: &str,
@@ -266,12 +269,12 @@ pub(crate) fn post_with_retries(
     body: &Value,
     tries: u32,
 ) -> Result<(Value, f64)> {
-    let mut wait = Duration::from_millis(500);
     let mut last = String::new();
+    let mut retry_after = Duration::ZERO;
     for attempt in 0..tries.max(1) {
         if attempt > 0 {
-            std::thread::sleep(wait);
-            wait *= 2;
+            let backoff = Duration::from_millis(500).saturating_mul(1 << (attempt - 1).min(6)).min(Duration::from_secs(30));
+            crate::interrupt::sleep(backoff.max(retry_after))?;
         }
         let t0 = Instant::now();
         let mut rb = client.post(url).json(body);
@@ -286,16 +289,18 @@ pub(crate) fn post_with_retries(
             }
         };
         let status = resp.status();
-        let retry_after = resp.headers().get("retry-after").and_then(|h| h.to_str().ok()).and_then(|s| s.parse::<f64>().ok());
+        retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|s| s.parse::<f64>().ok())
+            .map_or(Duration::ZERO, |s| Duration::from_secs_f64(s.clamp(0.0, 30.0)));
         let text = resp.text().unwrap_or_default();
         if status.is_success() {
             let v: Value = serde_json::from_str(&text).with_context(|| format!("POST {url}: the answer is not JSON: {text}"))?;
             return Ok((v, t0.elapsed().as_secs_f64()));
         }
         if status.as_u16() == 429 || status.is_server_error() {
-            if let Some(s) = retry_after {
-                wait = Duration::from_secs_f64(s.clamp(0.0, 30.0));
-            }
             last = format!("{status}: {text}");
             continue;
         }

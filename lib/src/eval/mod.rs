@@ -21,6 +21,7 @@
 
 pub mod cli;
 mod generate;
+mod judge;
 pub mod metrics;
 #[cfg(test)]
 mod parity_tests;
@@ -30,6 +31,7 @@ mod score;
 mod tracking;
 
 pub use metrics::{Bleu, BleuScore, Chrf, ExactMatch, Rouge, RougeType, exact_match, rouge, rouge_best, rouge_l, rouge_n, tokenize_13a};
+pub use judge::{Judge, JudgeKind, Judgment, parse_verdict};
 pub use porter::stem as porter_stem;
 pub use result::{Answer, EvalResult, GateOutcome, ModelOutcome};
 pub use score::{Metric, Summary};
@@ -99,6 +101,7 @@ pub struct Evaluation {
     bootstrap: usize,
     traces: bool,
     multiple_choice: Option<(String, String)>,
+    judges: Vec<Judge>,
     chat_template: bool,
     target_delimiter: Option<String>,
 }
@@ -127,6 +130,7 @@ impl Evaluation {
             bootstrap: 1000,
             traces: true,
             multiple_choice: None,
+            judges: vec![],
             chat_template: true,
             target_delimiter: None,
         }
@@ -244,6 +248,14 @@ impl Evaluation {
         self
     }
 
+    /// Adds an LLM judge (e.g. `Judge::correctness("http://127.0.0.1:8000/v1")`): its
+    /// yes/no verdict on every answer becomes a metric named after it, its rationale is kept
+    /// per row (in the table and the traces).
+    pub fn judge(mut self, judge: Judge) -> Self {
+        self.judges.push(judge);
+        self
+    }
+
     /// Multiple choice: `choices` names a column holding each row's choices (a list of
     /// strings), `answer` the correct one (its index, a list of indices, or its text). The
     /// metrics `acc` and `acc_norm` (lm-evaluation-harness's) score every choice by its
@@ -296,7 +308,13 @@ impl Evaluation {
                 bail!("two models are named `{}`: give each .model(..) its own name", m.name);
             }
         }
-        let metrics = if self.metrics.is_empty() { vec![Metric::parse("exact_match")?] } else { self.metrics.clone() };
+        let mut metrics = if self.metrics.is_empty() && self.judges.is_empty() { vec![Metric::parse("exact_match")?] } else { self.metrics.clone() };
+        for (index, j) in self.judges.iter().enumerate() {
+            if metrics.iter().any(|m| m.name() == j.name) {
+                bail!("two metrics or judges are named `{}`: rename the judge with .name(..)", j.name);
+            }
+            metrics.push(Metric::Judge { name: j.name.clone(), index });
+        }
         for m in &metrics {
             m.check()?;
         }
@@ -335,7 +353,14 @@ impl Evaluation {
         }
         let mut outcomes = Vec::with_capacity(self.models.len());
         for spec in &self.models {
-            let answers = generate::answers(spec, &rows, &settings).with_context(|| format!("model `{}` ({})", spec.name, spec.source))?;
+            let mut answers = generate::answers(spec, &rows, &settings).with_context(|| format!("model `{}` ({})", spec.name, spec.source))?;
+            for j in &self.judges {
+                let (judge_model, verdicts) = judge::judge_all(j, &rows, &answers, settings.api_key.as_deref())
+                    .with_context(|| format!("judging model `{}`'s answers", spec.name))?;
+                for (a, v) in answers.iter_mut().zip(verdicts) {
+                    a.judgments.push((judge_model.clone(), v));
+                }
+            }
             outcomes.push(ModelOutcome::score(spec.clone(), answers, &rows, &metrics));
         }
         let mut result = EvalResult::new(self.data.source().to_string(), rows, metrics, outcomes, self.bootstrap);

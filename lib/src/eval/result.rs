@@ -20,6 +20,8 @@ pub struct Answer {
     pub choice_logprobs: Vec<f64>,
     /// The reference answer's log-likelihood, when perplexity or token accuracy is asked for.
     pub reference: Option<crate::model::ContinuationScore>,
+    /// Per judge of the evaluation (in order): the judge's model and its verdict.
+    pub judgments: Vec<(String, super::Judgment)>,
 }
 
 /// One model's answers, per-row scores and summaries.
@@ -179,6 +181,10 @@ impl EvalResult {
             cols.push(Column::new(format!("{n}/truncated").into(), m.answers.iter().map(|a| a.truncated).collect::<Vec<_>>()));
             for (k, metric) in self.metrics.iter().enumerate() {
                 cols.push(Column::new(format!("{n}/{}", metric.name()).into(), m.row_values(k)));
+                if let Metric::Judge { name, index } = metric {
+                    let why: Vec<String> = m.answers.iter().map(|a| a.judgments.get(*index).map(|j| j.1.rationale.clone()).unwrap_or_default()).collect();
+                    cols.push(Column::new(format!("{n}/{name}/rationale").into(), why));
+                }
             }
         }
         Ok(DataFrame::new(self.rows.len(), cols)?)
@@ -218,6 +224,9 @@ impl EvalResult {
     }
 
     fn fmt_value(metric: &Metric, v: f64) -> String {
+        if !v.is_finite() {
+            return "—".into();
+        }
         match metric {
             Metric::Bleu | Metric::Chrf { .. } => format!("{v:.2}"),
             Metric::AnswerLength => format!("{v:.1}"),
@@ -237,10 +246,15 @@ impl EvalResult {
             let mut row = vec![metric.name()];
             for m in &self.models {
                 let s = m.summaries[k];
-                row.push(match s.stderr {
+                let mut cell = match s.stderr {
                     Some(e) => format!("{} ± {}", Self::fmt_value(metric, s.value), Self::fmt_value(metric, e)),
                     None => Self::fmt_value(metric, s.value),
-                });
+                };
+                let missing = m.scores[k].iter().filter(|v| !v.value().is_finite()).count();
+                if missing > 0 {
+                    cell = format!("{cell} ({missing}/{} without a value)", self.rows.len());
+                }
+                row.push(cell);
             }
             for d in self.deltas.iter().filter(|d| d.metric == k) {
                 row.push(match d.interval {

@@ -38,6 +38,9 @@ pub enum Metric {
     /// Share of the reference's tokens that are the model's most likely next token
     /// (training's `TokenAccuracy`), aggregated over all tokens.
     TokenAccuracy,
+    /// An LLM judge's verdict (1 yes, 0 no; rows without a usable verdict are left out of
+    /// the mean). `index` is the judge's place in the evaluation.
+    Judge { name: String, index: usize },
     /// A name no metric has (an error when the evaluation runs).
     Unknown(String),
 }
@@ -173,6 +176,7 @@ impl Metric {
             Metric::AccNorm => "acc_norm".into(),
             Metric::Perplexity => "perplexity".into(),
             Metric::TokenAccuracy => "token_accuracy".into(),
+            Metric::Judge { name, .. } => name.clone(),
             Metric::Unknown(n) => n.clone(),
         }
     }
@@ -231,6 +235,9 @@ impl Metric {
                 Some(r) if r.tokens > 0 => RowValue::Tokens { value: r.greedy_hits as f64 / r.tokens as f64, sum: r.greedy_hits as f64, tokens: r.tokens },
                 _ => RowValue::Tokens { value: f64::NAN, sum: 0.0, tokens: 0 },
             },
+            Metric::Judge { index, .. } => {
+                RowValue::Value(answer.judgments.get(*index).and_then(|j| j.1.value).map_or(f64::NAN, |v| if v { 1.0 } else { 0.0 }))
+            }
             Metric::Unknown(_) => RowValue::Value(f64::NAN),
         }
     }
@@ -274,10 +281,14 @@ impl Metric {
                 if matches!(self, Metric::Perplexity) { mean.exp() } else { mean }
             }
             _ => {
+                // Rows without a value (a judge that gave no verdict) are left out.
                 let (mut s, mut n) = (0.0, 0usize);
                 for i in idx {
-                    s += rows[i].value();
-                    n += 1;
+                    let v = rows[i].value();
+                    if v.is_finite() {
+                        s += v;
+                        n += 1;
+                    }
                 }
                 if n == 0 { f64::NAN } else { s / n as f64 }
             }
@@ -351,7 +362,8 @@ pub(crate) fn summarize(metric: &Metric, rows: &[RowValue], bootstrap: usize) ->
             std_dev(&vals)
         })
     } else {
-        (n > 1).then(|| std_dev(&rows.iter().map(RowValue::value).collect::<Vec<_>>()) / (n as f64).sqrt())
+        let vals: Vec<f64> = rows.iter().map(RowValue::value).filter(|v| v.is_finite()).collect();
+        (vals.len() > 1).then(|| std_dev(&vals) / (vals.len() as f64).sqrt())
     };
     Summary { value, stderr }
 }

@@ -54,7 +54,10 @@ pub(crate) fn log(result: &mut EvalResult, data: &Dataset, experiment: &str, uri
         ];
         let mut records = vec![];
         for (k, metric) in result.metrics.iter().enumerate() {
-            let vals = m.row_values(k);
+            let vals: Vec<f64> = m.row_values(k).into_iter().filter(|v| v.is_finite()).collect();
+            if vals.is_empty() {
+                continue;
+            }
             let n = vals.len() as f64;
             let mean = vals.iter().sum::<f64>() / n;
             let name = metric.name();
@@ -117,6 +120,11 @@ pub(crate) fn table(result: &EvalResult, mi: usize) -> Value {
     let m = &result.models[mi];
     let mut columns = vec!["row".to_string(), "inputs".into(), "targets".into(), "outputs".into()];
     columns.extend(result.metrics.iter().map(|x| format!("{}/score", x.name())));
+    let judges: Vec<(usize, String)> = result.metrics.iter().filter_map(|x| match x {
+        Metric::Judge { name, index } => Some((*index, name.clone())),
+        _ => None,
+    }).collect();
+    columns.extend(judges.iter().map(|(_, n)| format!("{n}/justification")));
     columns.extend(["token_count".to_string(), "latency".into(), "truncated".into()]);
     let vals: Vec<Vec<f64>> = (0..result.metrics.len()).map(|k| m.row_values(k)).collect();
     let data: Vec<Value> = result
@@ -127,6 +135,7 @@ pub(crate) fn table(result: &EvalResult, mi: usize) -> Value {
             let a = &m.answers[i];
             let mut row = vec![json!(i), json!(r.question()), json!(r.references.join(" | ")), json!(a.text)];
             row.extend(vals.iter().map(|v| json!(v[i])));
+            row.extend(judges.iter().map(|(j, _)| json!(a.judgments.get(*j).map(|x| x.1.rationale.as_str()).unwrap_or(""))));
             row.extend([json!(a.completion_tokens), json!(a.latency_s), json!(a.truncated)]);
             Value::Array(row)
         })
@@ -247,9 +256,9 @@ fn log_trace(client: &MlflowClient, exp_id: &str, run_id: &str, result: &EvalRes
         "expectation": {"value": if row.references.len() == 1 { json!(row.references[0]) } else { json!(row.references) }},
         "metadata": source_run,
     })];
-    for (n, v) in names.iter().zip(vals) {
+    for ((n, v), metric) in names.iter().zip(vals).zip(&result.metrics) {
         let value = if v.is_finite() { json!(v) } else { Value::Null };
-        assessments.push(json!({
+        let mut assessment = json!({
             "assessment_name": n,
             "trace_id": trace_id,
             "source": {"source_type": "CODE", "source_id": format!("tunebook/{n}")},
@@ -257,7 +266,15 @@ fn log_trace(client: &MlflowClient, exp_id: &str, run_id: &str, result: &EvalRes
             "last_update_time": ts(end),
             "feedback": {"value": value},
             "metadata": source_run,
-        }));
+        });
+        if let Metric::Judge { index, .. } = metric {
+            if let Some((judge_model, j)) = a.judgments.get(*index) {
+                assessment["source"] = json!({"source_type": "LLM_JUDGE", "source_id": judge_model});
+                assessment["feedback"] = json!({"value": j.value.map_or(Value::Null, |b| json!(if b { "yes" } else { "no" }))});
+                assessment["rationale"] = json!(j.rationale);
+            }
+        }
+        assessments.push(assessment);
     }
     let usage = json!({"input_tokens": a.prompt_tokens, "output_tokens": a.completion_tokens, "total_tokens": a.prompt_tokens + a.completion_tokens});
     let body = json!({"trace": {"trace_info": {
