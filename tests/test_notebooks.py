@@ -77,6 +77,8 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     try:
         nb = run_notebook("01-finetune.ipynb", tmp_path)
+        # The second half of the pipeline, on what the first registered.
+        nb2 = run_notebook("02-serve-and-evaluate.ipynb", tmp_path)
     finally:
         # An endpoint the notebook started and did not stop (a failed cell) must not outlive the test.
         for f in (tmp_path / "home" / "endpoints").glob("*/endpoint.json"):
@@ -128,3 +130,26 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
     with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/registered-models/get?name=main.samples.dates") as r:
         model = _json.load(r)["registered_model"]
     assert model["name"] == "main.samples.dates"
+
+    # 02: the registered adapter served next to its base, both evaluated through the
+    # endpoint, logged to MLflow, and promoted only when the gate passed.
+    cells = outputs_by_tag(nb2)
+    assert "main.samples.dates/1" in cells["setup"][-1]["data"]["text/plain"]
+    assert "smol, dates" in cells["serve"][-1]["data"]["text/plain"]
+    shown = cells["evaluate"][-1]["data"]
+    for s in ("smol", "dates", "exact_match", "chrf", "Δ (95% CI)", "gate: Δ exact_match", "MLflow: http://"):
+        assert s in shown["text/plain"], shown["text/plain"]
+    assert "<table>" in shown["text/html"] and "<a href=" in shown["text/html"]
+    assert "<table>" in cells["rows"][-1]["data"]["text/html"]
+    assert "ci_low" in cells["summary"][-1]["data"]["text/plain"]
+    links = cells["links"][-1]["data"]["text/plain"]
+    assert "experiment: http://" in links, links
+    passed = "gate passed: Some(true)" in links
+    assert passed or "gate passed: Some(false)" in links, links
+    try:
+        with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/registered-models/alias?name=main.samples.dates&alias=champion") as r:
+            champion = _json.load(r)["model_version"]["version"]
+    except urllib.error.HTTPError:
+        champion = None
+    assert champion == ("1" if passed else None), (links, champion)
+    assert "running endpoints: 0" in cells["serve-stop"][-1]["data"]["text/plain"]

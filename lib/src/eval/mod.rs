@@ -75,8 +75,9 @@ pub struct ModelSpec {
 pub struct Gate {
     pub metric: String,
     pub min_delta: f64,
-    /// The alias to set on the candidate's registered-model version when it passes.
-    pub alias: Option<String>,
+    /// When it passes: the registered-model version to promote (`None`: the candidate's
+    /// own source) and the alias to set on it.
+    pub promote: Option<(Option<String>, String)>,
 }
 
 /// An evaluation of one or more models on the same rows. The first model is the base the
@@ -234,16 +235,25 @@ impl Evaluation {
     /// (e.g. `0.05` for five points of exact match); `tunebook eval` exits with status 1
     /// when it fails.
     pub fn gate(mut self, metric: impl Into<String>, min_delta: f64) -> Self {
-        self.gate = Some(Gate { metric: metric.into(), min_delta, alias: None });
+        self.gate = Some(Gate { metric: metric.into(), min_delta, promote: None });
         self
     }
 
     /// With [`gate`](Self::gate): when it passes, sets `alias` (e.g. `champion`) on the
     /// candidate's version of the registered model (the candidate's source must be
-    /// `models:/name/N` or `name@alias`).
+    /// `models:/name/N`, `name/N` or `name@alias`; else use [`promote`](Self::promote)).
     pub fn promote_to(mut self, alias: impl Into<String>) -> Self {
         if let Some(g) = &mut self.gate {
-            g.alias = Some(alias.into());
+            g.promote = Some((None, alias.into()));
+        }
+        self
+    }
+
+    /// With [`gate`](Self::gate): when it passes, sets `alias` on the registered-model
+    /// version `model` (`name/N`, `name@alias`), e.g. the adapter an endpoint serves.
+    pub fn promote(mut self, model: impl Into<String>, alias: impl Into<String>) -> Self {
+        if let Some(g) = &mut self.gate {
+            g.promote = Some((Some(model.into()), alias.into()));
         }
         self
     }

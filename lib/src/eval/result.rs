@@ -155,10 +155,13 @@ impl EvalResult {
         let delta = d.delta;
         let passed = delta >= gate.min_delta;
         let mut promoted = None;
-        if let (true, Some(alias)) = (passed, &gate.alias) {
+        if let (true, Some((target, alias))) = (passed, &gate.promote) {
             let reg = crate::registry::Registry::new(None)?;
-            let v = reg.resolve(&candidate.source).map_err(|e| {
-                anyhow::anyhow!("the gate passed, but the candidate `{}` is not a registered model to promote ({e:#}): name it `models:/NAME/VERSION` or `NAME@ALIAS`", candidate.source)
+            let target = target.as_deref().unwrap_or(&candidate.source);
+            let v = reg.resolve(target).map_err(|e| {
+                anyhow::anyhow!(
+                    "the gate passed, but `{target}` is not a registered model version to promote ({e:#}): name one with .promote(\"NAME/VERSION\", \"{alias}\")"
+                )
             })?;
             reg.set_alias(&v.name, alias, &v.version)?;
             promoted = Some((v.name.clone(), v.version.clone(), alias.clone()));
