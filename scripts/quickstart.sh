@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up, then execute the fine-tuning tutorial headless on the
-# tunebook kernel and say where the result is and how to open it in JupyterLab.
+# The main job: set up, then execute the tutorials headless on the tunebook kernel
+# (fine-tune -> register -> serve -> evaluate) and say where the results are and how
+# to open them in JupyterLab.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 cd "$ROOT"
@@ -17,13 +18,27 @@ printf '\n== executing notebooks/01-finetune.ipynb (fine-tunes SmolLM2 on the sa
 jupyter nbconvert --to notebook --execute notebooks/01-finetune.ipynb \
   --ExecutePreprocessor.kernel_name=tunebook --ExecutePreprocessor.timeout=1800 \
   --ExecutePreprocessor.startup_timeout=120 --output-dir "$out"
+printf '\n== executing notebooks/02-serve-and-evaluate.ipynb (serves the registered adapter, evaluates base vs fine-tuned)\n'
+jupyter nbconvert --to notebook --execute notebooks/02-serve-and-evaluate.ipynb \
+  --ExecutePreprocessor.kernel_name=tunebook --ExecutePreprocessor.timeout=1800 \
+  --ExecutePreprocessor.startup_timeout=120 --output-dir "$out"
+printf '\n== the evaluation summary\n'
+"$VENV/bin/python" - "$out/02-serve-and-evaluate.ipynb" <<'PY'
+import json, sys
+nb = json.load(open(sys.argv[1]))
+for c in nb["cells"]:
+    if "evaluate" in c.get("metadata", {}).get("tags", []):
+        for o in c["outputs"]:
+            if "data" in o:
+                print(o["data"]["text/plain"])
+PY
 cat <<MSG
 
-Executed notebook: $out/01-finetune.ipynb
-Open it in JupyterLab:
+Executed notebooks: $out/01-finetune.ipynb, $out/02-serve-and-evaluate.ipynb
+Open them in JupyterLab:
   $VENV/bin/jupyter lab $out/01-finetune.ipynb
 (choose the "Rust (tunebook)" kernel for new notebooks)
-MLflow UI (runs and registered models): $MLFLOW_TRACKING_URI
+MLflow UI (runs, registered models, the evaluation's runs, tables and traces): $MLFLOW_TRACKING_URI
   export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI   # in the shell you start JupyterLab from
   tunebook mlflow down                             # stops the server
 MSG

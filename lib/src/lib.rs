@@ -35,7 +35,7 @@ pub mod prelude {
     pub use crate::data::{
         ChatLoss, Columns, Dataset, DeltaVersion, PackOptions, PrepareOptions, Task, ValidationReport, WriteMode,
     };
-    pub use crate::eval::{EvalResult, Evaluation, ExactMatch, Metric};
+    pub use crate::eval::{EvalResult, Evaluation, ExactMatch, Judge, Metric};
     pub use crate::interrupt;
     pub use crate::model::{
         GenerationConfig, LlamaConfig, LlamaModel, Lora, Model, Packing, default_device,
