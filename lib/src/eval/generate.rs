@@ -52,9 +52,67 @@ pub(crate) fn is_endpoint(source: &str) -> bool {
     source.starts_with("http://") || source.starts_with("https://")
 }
 
-/// Every row's answer from `spec`.
-pub(crate) fn answers(spec: &ModelSpec, rows: &[EvalRow], s: &Settings) -> Result<Vec<Answer>> {
-    if is_endpoint(&spec.source) { endpoint_answers(spec, rows, s) } else { local_answers(&spec.source, rows, s) }
+/// Every model's answers to every row (in the order of `specs`). Endpoints are asked one
+/// after the other. Local models that are adapters of the same base (a run's or a PEFT
+/// folder's `base_model_name_or_path`) share one load of that base: each adapter is
+/// applied unmerged to its own rows, and all their rows run through one engine, so the
+/// base's and the fine-tune's answers share every decode step, as `tunebook serve` runs them.
+pub(crate) fn answers_all(specs: &[ModelSpec], rows: &[EvalRow], s: &Settings) -> Result<Vec<Vec<Answer>>> {
+    let mut out: Vec<Option<Vec<Answer>>> = vec![None; specs.len()];
+    let named = |spec: &ModelSpec| format!("model `{}` ({})", spec.name, spec.source);
+    for (i, spec) in specs.iter().enumerate() {
+        if is_endpoint(&spec.source) {
+            out[i] = Some(endpoint_answers(spec, rows, s).with_context(|| named(spec))?);
+        }
+    }
+    let plans: Vec<(usize, String, Option<std::path::PathBuf>)> =
+        specs.iter().enumerate().filter(|(_, spec)| !is_endpoint(&spec.source)).map(|(i, spec)| {
+            let (base, adapter) = local_plan(&spec.source);
+            (i, base, adapter)
+        }).collect();
+    let mut bases: Vec<&str> = vec![];
+    for (_, b, _) in &plans {
+        if !bases.contains(&b.as_str()) {
+            bases.push(b);
+        }
+    }
+    for base in bases {
+        let members: Vec<&(usize, String, Option<std::path::PathBuf>)> = plans.iter().filter(|p| p.1 == base).collect();
+        let first = &specs[members[0].0];
+        let model = Arc::new(crate::serve::load_model(base).with_context(|| named(first))?);
+        let mut adapters = Vec::with_capacity(members.len());
+        for (i, _, dir) in &members {
+            adapters.push(match dir {
+                Some(d) => Some(Arc::new(crate::serve::read_adapter(&model, &d.display().to_string()).with_context(|| named(&specs[*i]))?)),
+                None => None,
+            });
+        }
+        let answers = local_answers(&model, &adapters, rows, s).with_context(|| {
+            members.iter().map(|m| named(&specs[m.0])).collect::<Vec<_>>().join(", ")
+        })?;
+        for ((i, _, _), a) in members.iter().zip(answers) {
+            out[*i] = Some(a);
+        }
+    }
+    Ok(out.into_iter().map(|a| a.expect("every model answered")).collect())
+}
+
+/// What to load for a local model: the base, and the adapter folder applied unmerged on
+/// top of it when the source is a PEFT adapter (a run's `model/` or a folder).
+fn local_plan(source: &str) -> (String, Option<std::path::PathBuf>) {
+    let path = local_model_path(source);
+    let p = Path::new(&path);
+    if p.is_dir() && p.join("adapter_config.json").is_file() && !p.join("config.json").is_file() {
+        let base = std::fs::read_to_string(p.join("adapter_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
+            .filter(|b| !b.is_empty());
+        if let Some(base) = base {
+            return (base, Some(p.to_path_buf()));
+        }
+    }
+    (path, None)
 }
 
 /// A run's name or folder is its trained model; anything else is what `serve` loads.
@@ -74,10 +132,10 @@ fn raw_prompt(prompt: &[crate::tokenize::Message]) -> String {
     prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n")
 }
 
-fn local_answers(source: &str, rows: &[EvalRow], s: &Settings) -> Result<Vec<Answer>> {
-    let model = Arc::new(crate::serve::load_model(&local_model_path(source))?);
+/// The answers of one base model under each of `adapters` (`None`: the base itself).
+fn local_answers(model: &Arc<crate::model::Model>, adapters: &[Option<Arc<crate::model::AdapterWeights>>], rows: &[EvalRow], s: &Settings) -> Result<Vec<Vec<Answer>>> {
     let Some(tok) = model.tokenizer.clone() else {
-        bail!("{source}: the model has no tokenizer (load it from a folder with tokenizer.json, or a GGUF)");
+        bail!("the model has no tokenizer (load it from a folder with tokenizer.json, or a GGUF)");
     };
     // The prompt's text and ids: the chat template's rendering (with the assistant header)
     // or the plain text with the tokenizer's special tokens.
@@ -94,8 +152,12 @@ fn local_answers(source: &str, rows: &[EvalRow], s: &Settings) -> Result<Vec<Ans
         };
         contexts.push((text, ids));
     }
-    let mut answers: Vec<Answer> = if s.generate {
-        let prompts: Vec<BatchPrompt> = contexts.iter().map(|(_, ids)| BatchPrompt { tokens: ids.clone(), adapter: None }).collect();
+    let n = rows.len();
+    let mut all: Vec<Answer> = if s.generate {
+        let prompts: Vec<BatchPrompt> = adapters
+            .iter()
+            .flat_map(|a| contexts.iter().map(move |(_, ids)| BatchPrompt { tokens: ids.clone(), adapter: a.clone() }))
+            .collect();
         generate_batch(model.clone(), &prompts, &s.generation(), s.batch_size)?
             .into_iter()
             .map(|a| Answer {
@@ -108,52 +170,73 @@ fn local_answers(source: &str, rows: &[EvalRow], s: &Settings) -> Result<Vec<Ans
             })
             .collect()
     } else {
-        contexts.iter().map(|(_, ids)| Answer { prompt_tokens: ids.len(), ..Answer::default() }).collect()
+        adapters.iter().flat_map(|_| contexts.iter().map(|(_, ids)| Answer { prompt_tokens: ids.len(), ..Answer::default() })).collect()
     };
     if s.choices || s.references {
-        for (i, (r, (ctx_text, ctx_ids))) in rows.iter().zip(&contexts).enumerate() {
-            crate::interrupt::check()?;
-            // lm-evaluation-harness's split: the whole text is tokenized and the context's
-            // tokens cut off, so a token spanning the boundary is not split differently.
-            let cont_ids = |cont: &str| -> Result<Vec<u32>> {
-                let whole = tok.encode(&format!("{ctx_text}{cont}"), !s.chat_template)?;
-                Ok(if whole.starts_with(ctx_ids) { whole[ctx_ids.len()..].to_vec() } else { tok.encode(cont, false)? })
-            };
-            let mut conts = Vec::new();
-            if s.choices {
-                for c in &r.choices {
-                    conts.push(cont_ids(&format!("{}{c}", s.target_delimiter))?);
-                }
-            }
-            if s.references {
-                let reference = r.references.first().map(String::as_str).unwrap_or("");
-                let text = if s.chat_template {
-                    // The answer as the template writes it, with its end-of-turn token.
-                    let mut conv = r.prompt.clone();
-                    conv.push(crate::tokenize::Message::assistant(reference));
-                    let full = tok.apply_chat_template(&conv, false)?;
-                    match full.strip_prefix(ctx_text.as_str()) {
-                        Some(rest) => rest.trim_end().to_string(),
-                        None => format!("{}{reference}", s.target_delimiter),
-                    }
-                } else {
-                    format!("{}{reference}", s.target_delimiter)
-                };
-                conts.push(cont_ids(&text)?);
-            }
-            let mut scores = model.llama.score_continuations(ctx_ids, &conts, None).with_context(|| format!("row {i}: scoring log-likelihoods"))?;
-            if s.references {
-                answers[i].reference = scores.pop();
-            }
-            answers[i].choice_logprobs = scores.into_iter().map(|c| c.logprob).collect();
-            if !s.generate && s.choices {
-                // The answer shown for a multiple-choice row is the most likely choice.
-                let best = answers[i].choice_logprobs.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0;
-                answers[i].text = r.choices[best].clone();
-            }
+        for (m, adapter) in adapters.iter().enumerate() {
+            score_likelihoods(model, &tok, adapter.as_deref(), rows, &contexts, &mut all[m * n..(m + 1) * n], s)?;
         }
     }
-    Ok(answers)
+    let mut out = Vec::with_capacity(adapters.len());
+    for _ in adapters {
+        let rest = all.split_off(n);
+        out.push(std::mem::replace(&mut all, rest));
+    }
+    Ok(out)
+}
+
+/// Fills in the choices' and the reference's log-likelihoods of each row.
+fn score_likelihoods(
+    model: &crate::model::Model,
+    tok: &crate::tokenize::Tokenizer,
+    adapter: Option<&crate::model::AdapterWeights>,
+    rows: &[EvalRow],
+    contexts: &[(String, Vec<u32>)],
+    answers: &mut [Answer],
+    s: &Settings,
+) -> Result<()> {
+    for (i, (r, (ctx_text, ctx_ids))) in rows.iter().zip(contexts).enumerate() {
+        crate::interrupt::check()?;
+        // lm-evaluation-harness's split: the whole text is tokenized and the context's
+        // tokens cut off, so a token spanning the boundary is not split differently.
+        let cont_ids = |cont: &str| -> Result<Vec<u32>> {
+            let whole = tok.encode(&format!("{ctx_text}{cont}"), !s.chat_template)?;
+            Ok(if whole.starts_with(ctx_ids) { whole[ctx_ids.len()..].to_vec() } else { tok.encode(cont, false)? })
+        };
+        let mut conts = Vec::new();
+        if s.choices {
+            for c in &r.choices {
+                conts.push(cont_ids(&format!("{}{c}", s.target_delimiter))?);
+            }
+        }
+        if s.references {
+            let reference = r.references.first().map(String::as_str).unwrap_or("");
+            let text = if s.chat_template {
+                // The answer as the template writes it, with its end-of-turn token.
+                let mut conv = r.prompt.clone();
+                conv.push(crate::tokenize::Message::assistant(reference));
+                let full = tok.apply_chat_template(&conv, false)?;
+                match full.strip_prefix(ctx_text.as_str()) {
+                    Some(rest) => rest.trim_end().to_string(),
+                    None => format!("{}{reference}", s.target_delimiter),
+                }
+            } else {
+                format!("{}{reference}", s.target_delimiter)
+            };
+            conts.push(cont_ids(&text)?);
+        }
+        let mut scores = model.llama.score_continuations(ctx_ids, &conts, adapter).with_context(|| format!("row {i}: scoring log-likelihoods"))?;
+        if s.references {
+            answers[i].reference = scores.pop();
+        }
+        answers[i].choice_logprobs = scores.into_iter().map(|c| c.logprob).collect();
+        if !s.generate && s.choices {
+            // The answer shown for a multiple-choice row is the most likely choice.
+            let best = answers[i].choice_logprobs.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0;
+            answers[i].text = r.choices[best].clone();
+        }
+    }
+    Ok(())
 }
 
 /// `url` with `/v1` appended when it has no path.

@@ -362,8 +362,8 @@ impl Evaluation {
             bail!("acc and acc_norm score choices: say where they are with .multiple_choice(\"choices column\", \"answer column\")");
         }
         let mut outcomes = Vec::with_capacity(self.models.len());
-        for spec in &self.models {
-            let mut answers = generate::answers(spec, &rows, &settings).with_context(|| format!("model `{}` ({})", spec.name, spec.source))?;
+        let all = generate::answers_all(&self.models, &rows, &settings)?;
+        for (spec, mut answers) in self.models.iter().zip(all) {
             for j in &self.judges {
                 let (judge_model, verdicts) = judge::judge_all(j, &rows, &answers, settings.api_key.as_deref())
                     .with_context(|| format!("judging model `{}`'s answers", spec.name))?;

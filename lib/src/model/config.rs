@@ -311,7 +311,7 @@ const HANDLED_KEYS: &[&str] = &[
 /// settings of training or generation that tunebook takes from elsewhere.
 const METADATA_KEYS: &[&str] = &[
     "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "pad_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class", "prefix", "task_specific_params",
+    "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id", "tokenizer_class", "prefix", "task_specific_params",
     "problem_type", "finetuning_task", "id2label", "label2id", "num_labels", "return_dict", "output_hidden_states",
     "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward",
     "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder",
@@ -357,7 +357,9 @@ fn check_keys(map: &Map<String, Value>) -> Result<()> {
     ];
     for k in map.keys() {
         let k = k.as_str();
-        if !HANDLED_KEYS.contains(&k) && !METADATA_KEYS.contains(&k) && !CHECKED.contains(&k) {
+        // Keys with a leading underscore are transformers' bookkeeping (`_name_or_path`,
+        // `_model_name_or_path`, `_attn_implementation_autoset`, `_commit_hash`).
+        if !k.starts_with('_') && !HANDLED_KEYS.contains(&k) && !METADATA_KEYS.contains(&k) && !CHECKED.contains(&k) {
             bail!(
                 "config.json: key `{k}` is not understood by tunebook and may change what the model computes; \
                  remove it if it does not (tunebook supports llama, mistral and qwen2 configurations)"
