@@ -48,48 +48,7 @@ enum Command {
         ignore_eos: bool,
     },
     /// Serve a model (and LoRA adapters) over an OpenAI-compatible HTTP API until SIGINT/SIGTERM.
-    Serve {
-        /// Model directory, .gguf file, run's model/ folder, PEFT adapter folder, Hugging Face id,
-        /// or registered model (models:/name/3, name@alias).
-        model: String,
-        /// Serve an adapter too, chosen per request with "model": NAME (repeatable).
-        #[arg(long = "adapter", value_name = "NAME=SOURCE")]
-        adapters: Vec<String>,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Port (0: a free one).
-        #[arg(long, default_value_t = 0)]
-        port: u16,
-        /// File with API keys, one per line; then every route but /health needs `Authorization: Bearer KEY`.
-        #[arg(long)]
-        api_key_file: Option<std::path::PathBuf>,
-        /// Append every request and response to the Delta table in this folder.
-        #[arg(long)]
-        inference_table: Option<std::path::PathBuf>,
-        /// Most sequences decoded together.
-        #[arg(long, default_value_t = 8)]
-        max_concurrency: usize,
-        /// Most requests waiting for a place in the batch before new ones get 429.
-        #[arg(long, default_value_t = 64)]
-        max_queue: usize,
-        /// Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
-        #[arg(long)]
-        allow_adapter_updates: bool,
-        /// The base model's id in the API (default: MODEL as given).
-        #[arg(long)]
-        served_model_name: Option<String>,
-        /// Most prompt + completion tokens (default: the model's context length).
-        #[arg(long)]
-        max_model_len: Option<usize>,
-        /// Record the URL in this folder once ready (used by notebook endpoints).
-        #[arg(long, hide = true)]
-        endpoint_dir: Option<std::path::PathBuf>,
-        /// Multiply Q4 weights with activations rounded to 8 bits, as llama.cpp does:
-        /// faster (most of all with many concurrent requests), no longer exact.
-        #[arg(long)]
-        int8_activations: bool,
-    },
+    Serve(tunebook::serve::ServeArgs),
     /// Fine-tune: `train CONFIG.toml` runs here with a progress bar (`--detach`: in a
     /// background worker); `train --run-dir DIR` runs or resumes the run in DIR.
     Train {
@@ -289,37 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let args = tunebook::model::GenerateArgs { model, prompt, chat, max_tokens, temperature, seed, ignore_eos };
             tunebook::model::run_generate_cli(&args)?;
         }
-        Command::Serve {
-            model,
-            adapters,
-            host,
-            port,
-            api_key_file,
-            inference_table,
-            max_concurrency,
-            max_queue,
-            allow_adapter_updates,
-            served_model_name,
-            max_model_len,
-            endpoint_dir,
-            int8_activations,
-        } => {
-            tunebook::serve::run_serve_cli(tunebook::serve::ServeArgs {
-                model,
-                adapters,
-                host,
-                port,
-                api_key_file,
-                inference_table,
-                max_concurrency,
-                max_queue,
-                allow_adapter_updates,
-                served_model_name,
-                max_model_len,
-                endpoint_dir,
-                int8_activations,
-            })?;
-        }
+        Command::Serve(args) => tunebook::serve::run_serve_cli(args)?,
         Command::Train { config, run_dir, detach } => {
             let code = tunebook::train::cli::train(config.as_deref(), run_dir.as_deref(), detach)?;
             return Ok(ExitCode::from(code as u8));

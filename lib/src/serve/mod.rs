@@ -112,13 +112,7 @@ impl Serve {
 
     /// Reads API keys from a file, one per line (blank lines and `#` comments skipped).
     pub fn api_key_file(self, path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
-        let keys: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
-        if keys.is_empty() {
-            bail!("the API key file {} holds no key (one key per line)", path.display());
-        }
-        Ok(self.api_keys(keys))
+        Ok(self.api_keys(read_api_keys(path.as_ref())?))
     }
 
     /// Appends every request and response to the Delta table at `dir`.
@@ -378,23 +372,59 @@ mod tests {
 }
 
 /// Settings of `tunebook serve`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
+    /// Model directory, .gguf file, run's model/ folder, PEFT adapter folder, Hugging Face id,
+    /// or registered model (models:/name/3, name@alias).
     pub model: String,
+    /// Serve an adapter too, chosen per request with "model": NAME (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=SOURCE")]
     pub adapters: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port (0: a free one).
+    #[arg(long, default_value_t = 0)]
     pub port: u16,
-    pub api_key_file: Option<PathBuf>,
-    pub inference_table: Option<PathBuf>,
+    /// File with API keys, one per line; then every route but /health needs `Authorization: Bearer KEY`.
+    #[arg(long)]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Append every request and response to the Delta table in this folder.
+    #[arg(long)]
+    pub inference_table: Option<std::path::PathBuf>,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 8)]
     pub max_concurrency: usize,
+    /// Most requests waiting for a place in the batch before new ones get 429.
+    #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    #[arg(long)]
     pub allow_adapter_updates: bool,
+    /// The base model's id in the API (default: MODEL as given).
+    #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Most prompt + completion tokens (default: the model's context length).
+    #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Record the URL here once ready (the worker of an [`Endpoint`]).
-    pub endpoint_dir: Option<PathBuf>,
-    /// Round activations to 8 bits for Q4 weights (faster, not exact).
+    /// Record the URL in this folder once ready (used by notebook endpoints).
+    #[arg(long, hide = true)]
+    pub endpoint_dir: Option<std::path::PathBuf>,
+    /// Multiply Q4 weights with activations rounded to 8 bits, as llama.cpp does:
+    /// faster (most of all with many concurrent requests), no longer exact.
+    #[arg(long)]
     pub int8_activations: bool,
+}
+
+/// The keys of an API key file: one per line, blank lines and `#` comments skipped; a
+/// file without a key is an error.
+pub fn read_api_keys(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
+    let keys: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+    if keys.is_empty() {
+        bail!("the API key file {} holds no key (one key per line)", path.display());
+    }
+    Ok(keys)
 }
 
 /// Runs `tunebook serve` in the foreground: prints the base URL once ready.
