@@ -120,12 +120,8 @@ pub fn run_eval_cli(a: &EvalArgs) -> Result<bool> {
         ev = ev.tracking_uri(u);
     }
     if let Some(f) = &a.api_key_file {
-        let key = std::fs::read_to_string(f).with_context(|| format!("reading the API key file {}", f.display()))?;
-        let key = key.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or_default().to_string();
-        if key.is_empty() {
-            bail!("the API key file {} holds no key", f.display());
-        }
-        ev = ev.api_key(key);
+        let keys = crate::serve::read_api_keys(f)?;
+        ev = ev.api_key(&keys[0]);
     }
     if let Some(g) = &a.gate {
         let Some((metric, delta)) = g.rsplit_once(':') else { bail!("--gate {g:?}: expected METRIC:MIN_DELTA (e.g. exact_match:0.05)") };

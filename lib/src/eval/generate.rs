@@ -232,7 +232,7 @@ fn score_likelihoods(
         answers[i].choice_logprobs = scores.into_iter().map(|c| c.logprob).collect();
         if !s.generate && s.choices {
             // The answer shown for a multiple-choice row is the most likely choice.
-            let best = answers[i].choice_logprobs.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (k, &v)| if v > b.1 { (k, v) } else { b }).0;
+            let best = super::metrics::argmax(answers[i].choice_logprobs.iter().copied()).unwrap_or(0);
             answers[i].text = r.choices[best].clone();
         }
     }
@@ -252,20 +252,7 @@ fn endpoint_answers(spec: &ModelSpec, rows: &[EvalRow], s: &Settings) -> Result<
     }
     let base = api_base(&spec.source);
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build()?;
-    let auth = |rb: reqwest::blocking::RequestBuilder| match &s.api_key {
-        Some(k) => rb.bearer_auth(k),
-        None => rb,
-    };
-    let models: Value = {
-        let r = auth(client.get(format!("{base}/models"))).send().with_context(|| format!("GET {base}/models"))?;
-        let status = r.status();
-        let body = r.text().unwrap_or_default();
-        if !status.is_success() {
-            bail!("GET {base}/models: {status}: {body}{}", if status.as_u16() == 401 { " (set the API key with .api_key(..) or OPENAI_API_KEY)" } else { "" });
-        }
-        serde_json::from_str(&body).with_context(|| format!("GET {base}/models: not JSON: {body}"))?
-    };
-    let ids: Vec<String> = models["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
+    let ids = served_models(&client, &base, s.api_key.as_deref())?;
     let model_id = if ids.contains(&spec.name) {
         spec.name.clone()
     } else if ids.len() == 1 {
@@ -273,21 +260,44 @@ fn endpoint_answers(spec: &ModelSpec, rows: &[EvalRow], s: &Settings) -> Result<
     } else {
         bail!("{base} serves {:?}: name the model after one of them (e.g. .model({:?}, {:?}))", ids, ids.first().cloned().unwrap_or_default(), spec.source);
     };
+    parallel_map(rows.len(), s.concurrency, |i| ask(&client, &base, &model_id, &rows[i].prompt, s).with_context(|| format!("row {i}")))
+}
+
+/// The model ids an OpenAI-compatible endpoint lists at `GET {base}/models`.
+pub(crate) fn served_models(client: &reqwest::blocking::Client, base: &str, api_key: Option<&str>) -> Result<Vec<String>> {
+    let mut rb = client.get(format!("{base}/models"));
+    if let Some(k) = api_key {
+        rb = rb.bearer_auth(k);
+    }
+    let r = rb.send().with_context(|| format!("GET {base}/models"))?;
+    let status = r.status();
+    let body = r.text().unwrap_or_default();
+    if !status.is_success() {
+        bail!("GET {base}/models: {status}: {body}{}", if status.as_u16() == 401 { " (set the API key with .api_key(..) or OPENAI_API_KEY)" } else { "" });
+    }
+    let models: Value = serde_json::from_str(&body).with_context(|| format!("GET {base}/models: not JSON: {body}"))?;
+    Ok(models["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str().map(str::to_string)).collect())
+}
+
+/// Runs `f(i)` for every `i < n` on up to `threads` threads (requests to a server, which
+/// wait on the network). No new item starts after an error or an interrupt; returns the
+/// results in order, or the error of the first failed item.
+pub(crate) fn parallel_map<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
     let next = AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<Result<Answer>>>> = rows.iter().map(|_| std::sync::Mutex::new(None)).collect();
     let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<std::sync::Mutex<Option<Result<T>>>> = (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
-        for _ in 0..s.concurrency.min(rows.len()).max(1) {
+        for _ in 0..threads.min(n).max(1) {
             scope.spawn(|| {
                 loop {
                     if failed.load(Ordering::Relaxed) || crate::interrupt::requested() {
                         return;
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= rows.len() {
+                    if i >= n {
                         return;
                     }
-                    let r = ask(&client, &base, &model_id, &rows[i].prompt, s).with_context(|| format!("row {i}"));
+                    let r = f(i);
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
@@ -297,16 +307,16 @@ fn endpoint_answers(spec: &ModelSpec, rows: &[EvalRow], s: &Settings) -> Result<
         }
     });
     crate::interrupt::check()?;
-    let mut out = Vec::with_capacity(rows.len());
+    let mut out = Vec::with_capacity(n);
     for r in results {
         match r.into_inner().expect("no panics while holding") {
-            Some(Ok(a)) => out.push(a),
+            Some(Ok(v)) => out.push(v),
             Some(Err(e)) => return Err(e),
             None => {}
         }
     }
-    if out.len() != rows.len() {
-        bail!("{} of {} rows got no answer", rows.len() - out.len(), rows.len());
+    if out.len() != n {
+        bail!("{} of {n} items were not done", n - out.len());
     }
     Ok(out)
 }

@@ -7,7 +7,6 @@ use super::generate::post_with_retries;
 use super::result::Answer;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// What a judge checks.
@@ -145,51 +144,22 @@ pub(crate) fn judge_all(judge: &Judge, rows: &[EvalRow], answers: &[Answer], def
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build()?;
     let model = match &judge.model {
         Some(m) => m.clone(),
-        None => {
-            let mut rb = client.get(format!("{base}/models"));
-            if let Some(k) = key {
-                rb = rb.bearer_auth(k);
-            }
-            let v: Value = rb.send().and_then(|r| r.error_for_status()).and_then(|r| r.json()).with_context(|| format!("judge `{}`: GET {base}/models", judge.name))?;
-            let ids: Vec<String> = v["data"].as_array().into_iter().flatten().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
-            match ids.as_slice() {
-                [one] => one.clone(),
-                _ => bail!("judge `{}`: {base} serves {ids:?}: choose one with Judge::model(..)", judge.name),
-            }
-        }
+        None => match super::generate::served_models(&client, &base, key).with_context(|| format!("judge `{}`", judge.name))?.as_slice() {
+            [one] => one.clone(),
+            ids => bail!("judge `{}`: {base} serves {ids:?}: choose one with Judge::model(..)", judge.name),
+        },
     };
-    let next = AtomicUsize::new(0);
-    let out: Vec<std::sync::Mutex<Option<Result<Judgment>>>> = rows.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..judge.concurrency.min(rows.len()).max(1) {
-            scope.spawn(|| {
-                loop {
-                    if crate::interrupt::requested() {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= rows.len() {
-                        return;
-                    }
-                    let body = json!({
-                        "model": model,
-                        "messages": [{"role": "user", "content": judge.prompt(&rows[i], &answers[i].text)}],
-                        "temperature": 0.0,
-                        "max_tokens": judge.max_tokens,
-                    });
-                    let r = post_with_retries(&client, &format!("{base}/chat/completions"), key, &body, judge.tries).and_then(|(v, _)| {
-                        v["choices"][0]["message"]["content"].as_str().map(parse_verdict).with_context(|| format!("the judge's reply has no message: {v}"))
-                    });
-                    *out[i].lock().expect("no panics while holding") = Some(r.with_context(|| format!("judge `{}`, row {i}", judge.name)));
-                }
-            });
-        }
-    });
-    crate::interrupt::check()?;
-    let mut verdicts = Vec::with_capacity(rows.len());
-    for r in out {
-        verdicts.push(r.into_inner().expect("no panics while holding").context("a row was not judged")??);
-    }
+    let verdicts = super::generate::parallel_map(rows.len(), judge.concurrency, |i| {
+        let body = json!({
+            "model": model,
+            "messages": [{"role": "user", "content": judge.prompt(&rows[i], &answers[i].text)}],
+            "temperature": 0.0,
+            "max_tokens": judge.max_tokens,
+        });
+        post_with_retries(&client, &format!("{base}/chat/completions"), key, &body, judge.tries)
+            .and_then(|(v, _)| v["choices"][0]["message"]["content"].as_str().map(parse_verdict).with_context(|| format!("the judge's reply has no message: {v}")))
+            .with_context(|| format!("judge `{}`, row {i}", judge.name))
+    })?;
     Ok((model, verdicts))
 }
 

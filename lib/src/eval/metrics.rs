@@ -742,7 +742,7 @@ pub fn hf_bleu(prediction: &str, references: &[&str]) -> f64 {
 }
 
 /// The index of the first maximum (NumPy's `argmax`), or `None` when `values` is empty.
-fn argmax(values: impl Iterator<Item = f64>) -> Option<usize> {
+pub(crate) fn argmax(values: impl Iterator<Item = f64>) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
     for (i, v) in values.enumerate() {
         if best.is_none_or(|(_, b)| v > b) {

@@ -206,31 +206,11 @@ fn log_traces(client: &MlflowClient, exp_id: &str, run_id: &str, result: &EvalRe
     let m = &result.models[mi];
     let vals: Vec<Vec<f64>> = (0..result.metrics.len()).map(|k| m.row_values(k)).collect();
     let names: Vec<String> = result.metrics.iter().map(Metric::name).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failure: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..4 {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= result.rows.len() || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        return;
-                    }
-                    let row_vals: Vec<f64> = vals.iter().map(|v| v[i]).collect();
-                    if let Err(e) = log_trace(client, exp_id, run_id, result, mi, i, &names, &row_vals) {
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(e.context(format!("logging the trace of row {i}")));
-                        }
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    match failure.into_inner().ok().flatten() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    super::generate::parallel_map(result.rows.len(), 4, |i| {
+        let row_vals: Vec<f64> = vals.iter().map(|v| v[i]).collect();
+        log_trace(client, exp_id, run_id, result, mi, i, &names, &row_vals).with_context(|| format!("logging the trace of row {i}"))
+    })?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
