@@ -41,6 +41,9 @@ if [ ! -s "$TUNEBOOK_SMOLLM2_GGUF" ]; then
   rmdir "$TUNEBOOK_MODELS.tmp"
 fi
 
+step "llama.cpp (prebuilt, through node-llama-cpp) for checking GGUF exports"
+bash "$ROOT/bench/llamacpp_setup.sh" >/dev/null
+
 step "build (CLI, library, kernel) into $CARGO_TARGET_DIR"
 # Library and CLI first, on their own, so the dependency build matches the one
 # the kernel's evcxr slot makes (same features, profile and flags).

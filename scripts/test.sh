@@ -9,6 +9,8 @@ cd "$ROOT"
 printf '\n== cargo test (library)\n'
 # The SmolLM2 GGUF was just installed: tests that need it fail without it.
 export TUNEBOOK_REQUIRE_SMOLLM2=1
+# ... and so was node-llama-cpp: GGUF exports are checked in llama.cpp itself.
+export TUNEBOOK_REQUIRE_LLAMACPP=1
 cargo_ test -p tunebook
 printf '\n== cargo test (kernel)\n'
 cargo_ test -p tunebook-kernel

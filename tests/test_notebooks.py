@@ -153,3 +153,42 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
         champion = None
     assert champion == ("1" if passed else None), (links, champion)
     assert "running endpoints: 0" in cells["serve-stop"][-1]["data"]["text/plain"]
+
+    # The fine-tune leaves for llama.cpp: the run exported merged (f32, q8_0, q4_k_m) and
+    # answered by llama.cpp itself on held-out rows it tokenizes from the rendered chat.
+    check_exports_in_llama_cpp(tmp_path)
+
+
+def check_exports_in_llama_cpp(tmp_path, rows=20):
+    from jinja2 import Environment
+    from gguf import GGUFReader
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if (p / "status.json").is_file()]
+    with open(ROOT / "data/sample/dates-eval.jsonl") as f:
+        held = [json.loads(l) for l in f][:rows]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    ev = subprocess.run(["tunebook", "eval", str(tmp_path / "held.jsonl"), "--model", f"ft={run}", "--metric", "exact_match",
+                         "--max-new-tokens", "16", "--output", str(tmp_path / "rows.csv")], capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    import csv
+    with open(tmp_path / "rows.csv") as f:
+        ours = [r["ft"] for r in csv.DictReader(f)]
+    refs = [r["messages"][-1]["content"] for r in held]
+    em = lambda answers: sum(a.strip() == r for a, r in zip(answers, refs)) / len(refs)
+    answers = {}
+    for quant in ["f32", "q8_0", "q4_k_m"]:
+        out = tmp_path / f"ft-{quant}.gguf"
+        p = subprocess.run(["tunebook", "export", str(run), "--gguf", str(out), "--quant", quant], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        reader = GGUFReader(out)
+        template = Environment(trim_blocks=True, lstrip_blocks=True).from_string(reader.fields["tokenizer.chat_template"].contents())
+        prompts = [template.render(messages=r["messages"][:-1], add_generation_prompt=True) for r in held]
+        (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+        g = subprocess.run(["node", str(ROOT / "tests/llamacpp_greedy.mjs"), "--model", str(out), "--prompts",
+                            str(tmp_path / "prompts.json"), "--max-tokens", "16"], capture_output=True, text=True)
+        assert g.returncode == 0, g.stderr
+        answers[quant] = json.loads(g.stdout)["texts"]
+    print("exact match: tunebook", em(ours), {q: em(a) for q, a in answers.items()})
+    # f32: llama.cpp answers every row as tunebook does.
+    assert [a.strip() for a in answers["f32"]] == [a.strip() for a in ours], (answers["f32"], ours)
+    assert abs(em(answers["q8_0"]) - em(ours)) <= 1 / rows + 1e-9, (answers["q8_0"], ours)
+    assert em(answers["q4_k_m"]) >= em(answers["f32"]) - 0.10, (answers["q4_k_m"], answers["f32"])

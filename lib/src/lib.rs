@@ -9,6 +9,7 @@
 pub mod data;
 pub mod display;
 pub mod eval;
+pub mod export;
 pub mod files;
 pub mod interrupt;
 pub mod mlflow;
@@ -36,6 +37,7 @@ pub mod prelude {
         ChatLoss, Columns, Dataset, DeltaVersion, PackOptions, PrepareOptions, Task, ValidationReport, WriteMode,
     };
     pub use crate::eval::{EvalResult, Evaluation, ExactMatch, Judge, Metric};
+    pub use crate::export::{Export, Quant};
     pub use crate::interrupt;
     pub use crate::model::{
         GenerationConfig, LlamaConfig, LlamaModel, Lora, Model, Packing, default_device,

@@ -82,6 +82,9 @@ enum Command {
         #[command(flatten)]
         args: tunebook::eval::cli::EvalArgs,
     },
+    /// Export a model for llama.cpp / Ollama (GGUF: merged or adapter-only, quantized,
+    /// with a Modelfile) or as a merged Hugging Face folder (transformers, vLLM, TGI).
+    Export(tunebook::export::ExportArgs),
     /// List, inspect and cancel fine-tuning runs.
     #[command(subcommand)]
     Runs(RunsCommand),
@@ -264,6 +267,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_NEGATIVE));
             }
         }
+        Command::Export(args) => tunebook::export::run_cli(&args)?,
         Command::Runs(cmd) => match cmd {
             RunsCommand::List => tunebook::train::cli::list()?,
             RunsCommand::Show { run } => tunebook::train::cli::show(&run)?,

@@ -10,6 +10,84 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
     /// Positions divided by `factor`.
     Linear { factor: f64 },
+    /// One divisor per rotary frequency (`head_dim / 2` of them), as a GGUF file's
+    /// `rope_freqs.weight` holds them, when no Llama 3 parameters reproduce them.
+    Frequencies { divisors: Vec<f64> },
+}
+
+impl RopeScaling {
+    /// The divisor of each rotary inverse frequency, as llama.cpp's
+    /// `rope_freqs.weight` carries Llama 3 scaling (its converter's formula); `None`
+    /// for scalings llama.cpp writes as metadata (linear).
+    pub fn frequency_divisors(&self, rope_theta: f64, head_dim: usize) -> Option<Vec<f64>> {
+        match self {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old = *original_max_position_embeddings as f64;
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                Some(
+                    (0..head_dim / 2)
+                        .map(|i| {
+                            let freq = 1.0 / rope_theta.powf((2 * i) as f64 / head_dim as f64);
+                            let wavelen = 2.0 * std::f64::consts::PI / freq;
+                            if wavelen < high_wavelen {
+                                1.0
+                            } else if wavelen > low_wavelen {
+                                *factor
+                            } else {
+                                let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                                1.0 / ((1.0 - smooth) / factor + smooth)
+                            }
+                        })
+                        .collect(),
+                )
+            }
+            RopeScaling::Frequencies { divisors } => Some(divisors.clone()),
+            RopeScaling::Linear { .. } => None,
+        }
+    }
+
+    /// The scaling a GGUF `rope_freqs.weight` describes: the Llama 3 parameters that
+    /// reproduce it (so a model read from GGUF saves a `config.json` transformers
+    /// reads), else the divisors themselves. `None` when every divisor is 1.
+    pub fn from_frequency_divisors(divisors: &[f32], rope_theta: f64, head_dim: usize) -> Option<RopeScaling> {
+        let d: Vec<f64> = divisors.iter().map(|&v| v as f64).collect();
+        if d.iter().all(|&v| v == 1.0) {
+            return None;
+        }
+        let factor = d.iter().cloned().fold(f64::MIN, f64::max);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+        // In the smooth band, s = (1/d - 1/factor) / (1 - 1/factor) is linear in
+        // 1/wavelength: s = old/(high-low) · (1/wavelength) - low/(high-low). Only the
+        // ratios are identifiable; Llama 3.1 writes high - low = 3 (1 and 4).
+        let band: Vec<(f64, f64)> = d
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !close(**v, 1.0) && !close(**v, factor))
+            .map(|(i, v)| {
+                let freq = 1.0 / rope_theta.powf((2 * i) as f64 / head_dim as f64);
+                let x = freq / (2.0 * std::f64::consts::PI);
+                (x, (1.0 / v - 1.0 / factor) / (1.0 - 1.0 / factor))
+            })
+            .collect();
+        if factor > 1.0 && band.len() >= 2 {
+            let ((x1, s1), (x2, s2)) = (band[0], band[band.len() - 1]);
+            let a = (s2 - s1) / (x2 - x1);
+            let b = s1 - a * x1;
+            let low = (-3.0 * b * 1e6).round() / 1e6;
+            let fit = RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: low + 3.0,
+                original_max_position_embeddings: (3.0 * a).round() as usize,
+            };
+            if let Some(back) = fit.frequency_divisors(rope_theta, head_dim) {
+                if back.iter().zip(&d).all(|(x, y)| close(*x, *y)) {
+                    return Some(fit);
+                }
+            }
+        }
+        Some(RopeScaling::Frequencies { divisors: d })
+    }
 }
 
 /// One configuration for the whole Llama family: Llama 2/3.x, Mistral, Qwen2, SmolLM2.
@@ -214,6 +292,8 @@ impl LlamaConfig {
                 Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => json!({
                     "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
                     "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings}),
+                // No config.json form: `LlamaModel::save_pretrained` refuses it.
+                Some(RopeScaling::Frequencies { .. }) => Value::Null,
             },
         );
         set("max_position_embeddings", json!(self.max_position_embeddings));

@@ -1,7 +1,7 @@
 //! Loading and saving weights: Hugging Face directories (sharded safetensors), GGUF files,
 //! Hugging Face ids through the local hub cache; atomic writes.
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, RopeScaling};
 use super::llama::LlamaModel;
 use super::ops;
 use anyhow::{Context, Result, anyhow, bail};
@@ -306,48 +306,26 @@ impl LlamaModel {
         let content = gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
         let mut config = LlamaConfig::from_gguf(&content.metadata).with_context(|| format!("in {}", path.display()))?;
         config.tie_word_embeddings = !content.tensor_infos.contains_key("output.weight");
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            // Llama 3.1+ rope scaling: llama.cpp carries it as per-frequency divisors.
+            let f = content.tensor(&mut file, "rope_freqs.weight", &Device::Cpu)?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            if f.len() != config.head_dim() / 2 {
+                bail!("{}: rope_freqs.weight has {} values, expected head_dim / 2 = {}", path.display(), f.len(), config.head_dim() / 2);
+            }
+            config.rope_scaling = RopeScaling::from_frequency_divisors(&f, config.rope_theta, config.head_dim());
+        }
         let permuted = config.model_type == "llama";
         let (nh, nkv) = (config.num_attention_heads, config.num_key_value_heads);
-        let gguf_name = |hf: &str| -> Option<String> {
-            let map = |s: &str| match s {
-                "input_layernorm.weight" => Some("attn_norm.weight".to_string()),
-                "post_attention_layernorm.weight" => Some("ffn_norm.weight".to_string()),
-                _ => {
-                    let (module, kind) = s.rsplit_once('.')?;
-                    let g = match module {
-                        "self_attn.q_proj" => "attn_q",
-                        "self_attn.k_proj" => "attn_k",
-                        "self_attn.v_proj" => "attn_v",
-                        "self_attn.o_proj" => "attn_output",
-                        "mlp.gate_proj" => "ffn_gate",
-                        "mlp.up_proj" => "ffn_up",
-                        "mlp.down_proj" => "ffn_down",
-                        _ => return None,
-                    };
-                    Some(format!("{g}.{kind}"))
-                }
-            };
-            match hf {
-                "model.embed_tokens.weight" => Some("token_embd.weight".into()),
-                "model.norm.weight" => Some("output_norm.weight".into()),
-                "lm_head.weight" => Some("output.weight".into()),
-                _ => {
-                    let rest = hf.strip_prefix("model.layers.")?;
-                    let (n, sub) = rest.split_once('.')?;
-                    Some(format!("blk.{n}.{}", map(sub)?))
-                }
-            }
-        };
         let mut packed = HashMap::new();
         let mut model = Self::from_tensors(config, device, dtype, |hf| {
-            let Some(g) = gguf_name(hf) else { return Ok(None) };
+            let Some(g) = gguf_tensor_name(hf) else { return Ok(None) };
             if !content.tensor_infos.contains_key(&g) {
                 return Ok(None);
             }
             let q = content.tensor(&mut file, &g, &Device::Cpu).with_context(|| format!("reading GGUF tensor `{g}`"))?;
             let mut t = q.dequantize(&Device::Cpu).with_context(|| format!("dequantising GGUF tensor `{g}`"))?;
             let mut p = if t.rank() == 2 { ops::packed::PackedWeight::from_qtensor(&q)? } else { None };
-            let heads = if !permuted || !g.ends_with(".weight") {
+            let heads = if !permuted {
                 None
             } else if g.contains("attn_q.") {
                 Some(nh)
@@ -357,8 +335,13 @@ impl LlamaModel {
                 None
             };
             if let Some(h) = heads {
-                t = unpermute_rows(&t, h)?;
-                p = p.map(|p| p.permute_rows(&unpermute_order(t.dims()[0], h)));
+                if t.rank() == 1 {
+                    // A Q/K bias (Llama `attention_bias`) is permuted like the weight's rows.
+                    t = unpermute_rows(&t.unsqueeze(1)?, h)?.squeeze(1)?;
+                } else {
+                    t = unpermute_rows(&t, h)?;
+                    p = p.map(|p| p.permute_rows(&unpermute_order(t.dims()[0], h)));
+                }
             }
             if let Some(p) = p {
                 packed.insert(hf.to_string(), p);
@@ -377,6 +360,12 @@ impl LlamaModel {
     /// are not included: merge them first or save them with [`save_lora`](Self::save_lora).
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
+        if matches!(self.config.rope_scaling, Some(RopeScaling::Frequencies { .. })) {
+            bail!(
+                "the model's rope scaling is a list of per-frequency divisors (read from a GGUF rope_freqs.weight) that no \
+                 Llama 3 parameters reproduce: config.json has no way to say it; export it as GGUF instead"
+            );
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tensors = self.named_tensors();
         const SHARD: usize = 4 << 30;
@@ -418,6 +407,40 @@ impl LlamaModel {
         }
         crate::files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         Ok(())
+    }
+}
+
+/// The GGUF (llama.cpp) name of a Hugging Face tensor name of a Llama-family model:
+/// `model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`. `None` for a
+/// tensor llama.cpp has no name for.
+pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    let map = |s: &str| match s {
+        "input_layernorm.weight" => Some("attn_norm.weight".to_string()),
+        "post_attention_layernorm.weight" => Some("ffn_norm.weight".to_string()),
+        _ => {
+            let (module, kind) = s.rsplit_once('.')?;
+            let g = match module {
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.o_proj" => "attn_output",
+                "mlp.gate_proj" => "ffn_gate",
+                "mlp.up_proj" => "ffn_up",
+                "mlp.down_proj" => "ffn_down",
+                _ => return None,
+            };
+            Some(format!("{g}.{kind}"))
+        }
+    };
+    match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight".into()),
+        "model.norm.weight" => Some("output_norm.weight".into()),
+        "lm_head.weight" => Some("output.weight".into()),
+        _ => {
+            let rest = hf.strip_prefix("model.layers.")?;
+            let (n, sub) = rest.split_once('.')?;
+            Some(format!("blk.{n}.{}", map(sub)?))
+        }
     }
 }
 

@@ -8,7 +8,7 @@
 //! pre-tokenizer the model's own `tokenizer.json` declares; an unknown name is
 //! an error rather than a silent GPT-2 fallback.
 
-use super::TokenizeError;
+use super::{TokenizeError, tk_err};
 use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::{Value as Json, json};
 use std::path::Path;
@@ -165,6 +165,142 @@ pub(crate) fn build(content: &Content, path: &Path) -> Result<GgufTokenizer, Tok
     let chat_template = get(content, "tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
     let end_of_turn = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| get_u32(content, k)).collect();
     Ok(GgufTokenizer { json: doc.to_string(), bos, eos, pad, unk, chat_template, tokens, end_of_turn })
+}
+
+/// The text llama.cpp's converter encodes to recognise a pre-tokenizer
+/// (`get_vocab_base_pre`'s `chktxt`: whitespace runs, emoji, digits, Khmer, Chinese,
+/// Bulgarian, quotes and contractions).
+const LLAMA_CPP_CHECK_TEXT: &str = include_str!("data/llama_cpp_chktxt.txt");
+
+/// llama.cpp's table from the SHA-256 of the check text's token ids to its
+/// pre-tokenizer name (`hash<TAB>name`, as its converter resolves them).
+const LLAMA_CPP_PRE_HASHES: &str = include_str!("data/llama_cpp_pre_hashes.tsv");
+
+/// Token types in `tokenizer.ggml.token_type`.
+const NORMAL: i32 = 1;
+const UNUSED: i32 = 5;
+
+/// Added tokens that llama.cpp's converter treats as control tokens even when the
+/// tokenizer does not mark them special.
+fn looks_special(t: &str) -> bool {
+    (t.starts_with("<|") && t.ends_with("|>") && t.len() > 4)
+        || matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<｜") && t.ends_with("｜>"))
+}
+
+impl super::Tokenizer {
+    /// The pre-tokenizer name llama.cpp gives this tokenizer: the SHA-256 of the ids
+    /// of its check text (encoded with special tokens, as transformers' `encode`
+    /// does), looked up in llama.cpp's table. A tokenizer llama.cpp does not know is an
+    /// error: a guessed name makes llama.cpp split text differently from training.
+    pub fn llama_cpp_pre_tokenizer(&self) -> Result<String, TokenizeError> {
+        use sha2::Digest;
+        let ids = self.encode(LLAMA_CPP_CHECK_TEXT, true)?;
+        let repr = format!("[{}]", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "));
+        let hash: String = sha2::Sha256::digest(repr.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        LLAMA_CPP_PRE_HASHES
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(h, _)| *h == hash)
+            .map(|(_, name)| name.trim().to_string())
+            .ok_or_else(|| TokenizeError::Tokenizer(format!(
+                "llama.cpp does not know this tokenizer's pre-tokenizer (check-text hash {hash}, from {}): \
+                 a GGUF file needs a name llama.cpp recognises, and guessing one would make it cut text \
+                 differently from training. Export to Hugging Face layout instead, or use a base model llama.cpp supports",
+                self.source
+            )))
+    }
+
+    /// The `tokenizer.*` GGUF metadata llama.cpp reads, as its converter writes it for
+    /// a byte-level BPE: model `gpt2`, the pre-tokenizer name
+    /// ([`llama_cpp_pre_tokenizer`](Self::llama_cpp_pre_tokenizer)), tokens padded to
+    /// `vocab_size` with `[PAD{i}]`, token types (control for special tokens,
+    /// user-defined for other added tokens), merges, special token ids, `add_bos_token`
+    /// and the chat template.
+    pub fn gguf_metadata(&self, vocab_size: usize) -> Result<Vec<(String, Value)>, TokenizeError> {
+        let doc: Json = serde_json::from_str(&self.inner.to_string(false).map_err(tk_err)?).map_err(tk_err)?;
+        let model = &doc["model"];
+        let kind = model["type"].as_str().unwrap_or("?");
+        if kind != "BPE" {
+            return Err(TokenizeError::Tokenizer(format!(
+                "a `{kind}` tokenizer ({}) is not written to GGUF: only byte-level BPE (Llama 3, SmolLM2, Qwen2, Mistral Nemo) is",
+                self.source
+            )));
+        }
+        if model["byte_fallback"].as_bool() == Some(true) {
+            return Err(TokenizeError::Tokenizer(format!(
+                "{} is a SentencePiece-style BPE (byte_fallback): writing it to GGUF is not supported yet; export to Hugging Face layout",
+                self.source
+            )));
+        }
+        let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+        let mut types = vec![UNUSED; vocab_size];
+        let vocab = model["vocab"].as_object().ok_or_else(|| TokenizeError::Tokenizer(format!("{}: model.vocab is not a map", self.source)))?;
+        let mut too_big = None;
+        for (t, id) in vocab {
+            let id = id.as_u64().unwrap_or(u64::MAX) as usize;
+            if id >= vocab_size {
+                too_big = Some(id);
+                continue;
+            }
+            tokens[id] = Some(t.clone());
+            types[id] = NORMAL;
+        }
+        for a in doc["added_tokens"].as_array().into_iter().flatten() {
+            let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+            let id = id as usize;
+            if id >= vocab_size {
+                too_big = Some(id);
+                continue;
+            }
+            let special = a["special"].as_bool().unwrap_or(false);
+            tokens[id] = Some(content.to_string());
+            types[id] = if special || looks_special(content) { CONTROL } else { USER_DEFINED };
+        }
+        if let Some(id) = too_big {
+            return Err(TokenizeError::Tokenizer(format!(
+                "{}: token id {id} is beyond the model's vocabulary of {vocab_size} (embedding rows): the tokenizer does not belong to this model",
+                self.source
+            )));
+        }
+        let tokens: Vec<Value> = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| Value::String(t.unwrap_or_else(|| format!("[PAD{i}]"))))
+            .collect();
+        let merges: Vec<Value> = model["merges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match m {
+                Json::String(s) => Value::String(s.clone()),
+                Json::Array(p) => Value::String(p.iter().filter_map(Json::as_str).collect::<Vec<_>>().join(" ")),
+                other => Value::String(other.to_string()),
+            })
+            .collect();
+        let mut md = vec![
+            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), Value::String(self.llama_cpp_pre_tokenizer()?)),
+            ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+            ("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())),
+            ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+        ];
+        for (key, tok) in [("bos", &self.special.bos), ("eos", &self.special.eos), ("unknown", &self.special.unk), ("padding", &self.special.pad)] {
+            if let Some(t) = tok {
+                md.push((format!("tokenizer.ggml.{key}_token_id"), Value::U32(t.id)));
+            }
+        }
+        // What transformers' encode adds: a BOS when the post-processor puts one first.
+        let add_bos = match self.bos_id() {
+            Some(b) => self.encode("a", true)?.first() == Some(&b),
+            None => false,
+        };
+        md.push(("tokenizer.ggml.add_bos_token".to_string(), Value::Bool(add_bos)));
+        if let Some(t) = &self.template {
+            md.push(("tokenizer.chat_template".to_string(), Value::String(t.source().to_string())));
+        }
+        Ok(md)
+    }
 }
 
 #[cfg(test)]

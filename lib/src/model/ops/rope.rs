@@ -46,6 +46,11 @@ impl RopeTable {
                 }
             }
             Some(RopeScaling::Linear { factor }) => position_divisor = *factor as f32,
+            Some(RopeScaling::Frequencies { divisors }) => {
+                for (f, d) in inv_freq.iter_mut().zip(divisors) {
+                    *f = (*f as f64 / d) as f32;
+                }
+            }
             None => {}
         }
         Self { inv_freq, attention_scaling: 1.0, position_divisor }
