@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, then execute the tutorials headless on the tunebook kernel
-# (fine-tune -> register -> serve -> evaluate) and say where the results are and how
+# (fine-tune -> register -> serve -> evaluate -> export) and say where the results are and how
 # to open them in JupyterLab.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
@@ -22,6 +22,10 @@ printf '\n== executing notebooks/02-serve-and-evaluate.ipynb (serves the registe
 jupyter nbconvert --to notebook --execute notebooks/02-serve-and-evaluate.ipynb \
   --ExecutePreprocessor.kernel_name=tunebook --ExecutePreprocessor.timeout=1800 \
   --ExecutePreprocessor.startup_timeout=120 --output-dir "$out"
+printf '\n== executing notebooks/03-export.ipynb (GGUF for llama.cpp / Ollama, attached to the registered model)\n'
+jupyter nbconvert --to notebook --execute notebooks/03-export.ipynb \
+  --ExecutePreprocessor.kernel_name=tunebook --ExecutePreprocessor.timeout=1800 \
+  --ExecutePreprocessor.startup_timeout=120 --output-dir "$out"
 printf '\n== the evaluation summary\n'
 "$VENV/bin/python" - "$out/02-serve-and-evaluate.ipynb" <<'PY'
 import json, sys
@@ -34,7 +38,8 @@ for c in nb["cells"]:
 PY
 cat <<MSG
 
-Executed notebooks: $out/01-finetune.ipynb, $out/02-serve-and-evaluate.ipynb
+Executed notebooks: $out/01-finetune.ipynb, $out/02-serve-and-evaluate.ipynb, $out/03-export.ipynb
+GGUF exports (llama.cpp: llama-cli -m FILE -cnv; Ollama: ollama create dates -f Modelfile): ${TUNEBOOK_HOME:-$HOME/.tunebook}/exports
 Open them in JupyterLab:
   $VENV/bin/jupyter lab $out/01-finetune.ipynb
 (choose the "Rust (tunebook)" kernel for new notebooks)

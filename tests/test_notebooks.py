@@ -79,6 +79,8 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
         nb = run_notebook("01-finetune.ipynb", tmp_path)
         # The second half of the pipeline, on what the first registered.
         nb2 = run_notebook("02-serve-and-evaluate.ipynb", tmp_path)
+        # The way out: GGUF exports of the registered adapter, attached to its version.
+        nb3 = run_notebook("03-export.ipynb", tmp_path)
     finally:
         # An endpoint the notebook started and did not stop (a failed cell) must not outlive the test.
         for f in (tmp_path / "home" / "endpoints").glob("*/endpoint.json"):
@@ -153,6 +155,21 @@ def test_finetune_notebook(tmp_path, monkeypatch, mlflow_server):
         champion = None
     assert champion == ("1" if passed else None), (links, champion)
     assert "running endpoints: 0" in cells["serve-stop"][-1]["data"]["text/plain"]
+
+    # 03: a merged q8_0 GGUF with a Modelfile and an adapter GGUF, attached to the
+    # registered version and loaded back from the registry by name.
+    cells = outputs_by_tag(nb3)
+    shown = cells["export"][-1]["data"]["text/plain"]
+    for s in ("dates-q8_0.gguf", "model q8_0", "Q8_0", "Modelfile", "attached to the registered model"):
+        assert s in shown, shown
+    modelfile = cells["modelfile"][-1]["data"]["text/plain"]
+    assert "FROM ./dates-q8_0.gguf" in modelfile and "PARAMETER stop" in modelfile and "<|im_end|>" in modelfile, modelfile
+    assert "adapter f16" in cells["adapter"][-1]["data"]["text/plain"]
+    loaded = cells["load"][-1]["data"]["text/plain"].strip('"').replace("\\n", "\n")
+    lines = dict(l.split(": ", 1) for l in loaded.splitlines())
+    assert "dates-q8_0.gguf" in lines["attached"], loaded
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", lines["registered adapter"]), loaded
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", lines["q8_0 GGUF"]), loaded
 
     # The fine-tune leaves for llama.cpp: the run exported merged (f32, q8_0, q4_k_m) and
     # answered by llama.cpp itself on held-out rows it tokenizes from the rendered chat.

@@ -82,7 +82,7 @@ fn a_llama_3_1_model_round_trips_through_gguf_with_its_rope_scaling() -> Result<
     let model = tiny("llama", Some(scaling.clone()), &tok, 3)?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("llama31.gguf");
-    let out = write_model_gguf(&model, &path, Quant::F32)?;
+    let out = write_model_gguf(&model, &path, Quant::F32, None)?;
     assert!(out.tensors.iter().any(|t| t.name == "rope_freqs.weight"), "Llama 3 scaling travels as rope_freqs.weight");
     assert!(!out.tensors.iter().any(|t| t.name == "output.weight"), "tied embeddings write no output tensor");
     let back = LlamaModel::from_gguf(&path, &Device::Cpu, DType::F32)?;
@@ -108,7 +108,7 @@ fn a_qwen2_model_keeps_its_biases_and_unpermuted_rows() -> Result<()> {
     let model = tiny("qwen2", None, &tok, 5)?;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("qwen2.gguf");
-    write_model_gguf(&model, &path, Quant::F32)?;
+    write_model_gguf(&model, &path, Quant::F32, None)?;
     let (mut f, c) = read(&path)?;
     assert_eq!(c.metadata["general.architecture"].to_string()?, "qwen2");
     assert!(c.tensor_infos.contains_key("blk.0.attn_q.bias") && c.tensor_infos.contains_key("output.weight"));
@@ -129,7 +129,7 @@ fn a_merged_lora_export_equals_merging_in_memory_and_the_adapter_file_is_llama_c
     randomize_b(&mut model, 0.05)?;
     let dir = tempfile::tempdir()?;
     let merged_path = dir.path().join("merged.gguf");
-    write_model_gguf(&model, &merged_path, Quant::F32)?;
+    write_model_gguf(&model, &merged_path, Quant::F32, None)?;
     let mut merged = model.clone();
     merged.llama.merge_lora()?;
     let back = LlamaModel::from_gguf(&merged_path, &Device::Cpu, DType::F32)?;
@@ -222,7 +222,7 @@ fn a_tokenizer_llama_cpp_does_not_know_is_refused_and_nothing_is_written() -> Re
     let model = Model::new(LlamaModel::random(cfg, 1, &Device::Cpu)?, Some(tok));
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("x.gguf");
-    let err = format!("{:#}", write_model_gguf(&model, &path, Quant::F16).unwrap_err());
+    let err = format!("{:#}", write_model_gguf(&model, &path, Quant::F16, None).unwrap_err());
     assert!(err.contains("llama.cpp does not know this tokenizer's pre-tokenizer"), "{err}");
     assert!(!path.exists());
     Ok(())
@@ -328,3 +328,27 @@ fn llama_cpp_answers_like_tunebook_on_tiny_llama_3_1_and_qwen2_models_and_a_lora
     Ok(())
 }
 
+
+#[test]
+fn a_merged_hugging_face_export_reloads_with_the_merged_weights_and_answers() -> Result<()> {
+    let Some(gguf) = common::gguf_or_skip("hf_export") else { return Ok(()) };
+    let tok = Tokenizer::from_gguf(&gguf)?;
+    let mut model = tiny("llama", None, &tok, 21)?;
+    model.llama.add_lora(&Lora::rank(4).alpha(8.0).all_linear())?;
+    randomize_b(&mut model, 0.1)?;
+    let dir = tempfile::tempdir()?;
+    let out = Export::new("unused").hf(dir.path().join("hf")).run_on(&model)?;
+    let hf = out.hf.unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(hf.join(f).is_file(), "{f} is missing");
+    }
+    let back = Model::load(&hf.to_string_lossy())?;
+    assert!(!back.llama.has_lora());
+    let mut merged = model.clone();
+    merged.llama.merge_lora()?;
+    tensors_equal(&merged.llama, &back.llama)?;
+    let prompts = chat_prompts(&tok)?;
+    assert_eq!(tunebook_greedy(&back, &prompts, 8)?, tunebook_greedy(&merged, &prompts, 8)?);
+    assert!(!model.llama.layers[0].self_attn.q_proj.lora.is_none(), "exporting leaves the caller's adapters in place");
+    Ok(())
+}

@@ -543,7 +543,29 @@ fn a_registered_peft_adapter_loads_on_its_base() -> Result<()> {
     let mlmodel = std::fs::read_to_string(dl.join("MLmodel"))?;
     assert!(mlmodel.contains("peft_adaptor: \"peft\""), "{mlmodel}");
     assert!(dl.join("peft/adapter_model.safetensors").is_file());
+    // The local base travels with the adapter (Hugging Face layout under model/), so the
+    // registered model loads where that folder does not exist.
+    assert!(mlmodel.contains("model_binary: \"model\"") && !mlmodel.contains("local_base_model_path"), "{mlmodel}");
+    assert!(dl.join("model/config.json").is_file() && dl.join("model/model.safetensors").is_file());
     assert_eq!(answers(&reg.load_model("main.support.adapter@champion")?)?, expected);
+    std::fs::rename(&base, dir.join("base-moved"))?;
+    let elsewhere = Registry::with_client(client(&url)).cache_dir(fresh_dir("adapter-cache-2"));
+    let loaded = elsewhere.load_model("main.support.adapter/1")?;
+    assert!(loaded.llama.has_lora(), "the adapter stays unmerged on the uploaded base");
+    assert_eq!(answers(&loaded)?, expected);
+
+    // An exported file attached to the version comes back by name; a full download skips it.
+    let gguf = dir.join("adapter-q8_0.gguf");
+    std::fs::write(&gguf, b"GGUF stand-in bytes")?;
+    let v = elsewhere.attach_file("main.support.adapter@champion", &gguf, "gguf/adapter-q8_0.gguf")?;
+    assert_eq!(v.reference(), "main.support.adapter/1");
+    assert_eq!(elsewhere.gguf_files("main.support.adapter/1")?, vec!["adapter-q8_0.gguf".to_string()]);
+    let back = Registry::with_client(client(&url)).cache_dir(fresh_dir("adapter-cache-3")).download_gguf("main.support.adapter/1", None)?;
+    assert_eq!(std::fs::read(back)?, b"GGUF stand-in bytes");
+    let err = elsewhere.download_gguf("main.support.adapter/1", Some("other.gguf")).unwrap_err().to_string();
+    assert!(err.contains("no attached GGUF named \"other.gguf\"") && err.contains("adapter-q8_0.gguf"), "{err}");
+    let fresh = Registry::with_client(client(&url)).cache_dir(fresh_dir("adapter-cache-4")).download("main.support.adapter/1")?;
+    assert!(!fresh.join("gguf").exists(), "a model download does not fetch attached exports");
     Ok(())
 }
 

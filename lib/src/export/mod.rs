@@ -236,27 +236,29 @@ impl GgufFile {
 
 /// Writes `model` as a GGUF file llama.cpp loads: LoRA adapters merged into their
 /// weights one tensor at a time, each tensor converted to the type `quant` and
-/// llama.cpp's policy give it.
-pub fn write_model_gguf(model: &Model, path: &Path, quant: Quant) -> Result<GgufFile> {
+/// llama.cpp's policy give it. `name` sets `general.name` (default: a GGUF source's
+/// own, else the source folder's name).
+pub fn write_model_gguf(model: &Model, path: &Path, quant: Quant, name: Option<&str>) -> Result<GgufFile> {
     let started = Instant::now();
     let tok = model.tokenizer.as_ref().context("the model has no tokenizer: a GGUF file carries one (load the model from a folder with tokenizer.json, or a GGUF)")?;
     let cfg = &model.llama.config;
     // The source GGUF, for `Quant::Source`.
-    let mut source = match (&model.source, quant) {
-        (Some(ModelSource::Gguf(p)), Quant::Source) => {
+    // A GGUF source: its description is kept, and with `Quant::Source` its tensors.
+    let mut source = match &model.source {
+        Some(ModelSource::Gguf(p)) => {
             let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
             let c = Content::read(&mut f).map_err(|e| anyhow!("{}: not a readable GGUF file: {e}", p.display()))?;
             Some((f, c))
         }
         _ => None,
     };
-    let file_type = source
-        .as_ref()
-        .and_then(|(_, c)| c.metadata.get("general.file_type").and_then(|v| v.to_u32().ok()))
-        .unwrap_or(quant.file_type());
+    let file_type = match (&source, quant) {
+        (Some((_, c)), Quant::Source) => c.metadata.get("general.file_type").and_then(|v| v.to_u32().ok()).unwrap_or(quant.file_type()),
+        _ => quant.file_type(),
+    };
     let mut md = model_metadata(model, file_type, "model")?;
     if let Some((_, c)) = &source {
-        // A GGUF source's own description (name, organization, license, languages...).
+        // Name, organization, license, languages... as the source GGUF describes itself.
         let mut extra: Vec<(String, Value)> = c
             .metadata
             .iter()
@@ -269,6 +271,13 @@ pub fn write_model_gguf(model: &Model, path: &Path, quant: Quant) -> Result<Gguf
         extra.sort_by(|a, b| a.0.cmp(&b.0));
         md.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
         md.splice(2..2, extra);
+    }
+    if let Some(n) = name {
+        md.retain(|(k, _)| k != "general.name");
+        md.insert(2, ("general.name".to_string(), Value::String(n.to_string())));
+    }
+    if quant != Quant::Source {
+        source = None;
     }
     md.extend(tok.gguf_metadata(cfg.vocab_size).map_err(|e| anyhow!("{e}"))?);
 
@@ -424,7 +433,7 @@ impl Model {
     /// Writes this model as a GGUF file (adapters merged), quantized as `quant`;
     /// see [`write_model_gguf`].
     pub fn export_gguf(&self, path: impl AsRef<Path>, quant: Quant) -> Result<GgufFile> {
-        write_model_gguf(self, path.as_ref(), quant)
+        write_model_gguf(self, path.as_ref(), quant, None)
     }
 
     /// Writes this model's LoRA adapters as a llama.cpp GGUF adapter; see
@@ -456,6 +465,7 @@ pub struct Export {
     adapter_only: bool,
     ollama: bool,
     system: Option<String>,
+    attach_to: Option<String>,
 }
 
 /// What [`Export::run`] wrote.
@@ -467,6 +477,8 @@ pub struct Exported {
     pub modelfile: Option<PathBuf>,
     /// The Hugging Face folder, when asked for.
     pub hf: Option<PathBuf>,
+    /// The registered version the GGUF files were attached to (`name/version`).
+    pub attached_to: Option<String>,
 }
 
 impl Exported {
@@ -496,6 +508,9 @@ impl Exported {
         if let Some(h) = &self.hf {
             t.push([h.display().to_string(), "Hugging Face folder".into(), String::new(), String::new(), String::new()]);
         }
+        if let Some(v) = &self.attached_to {
+            t.push([format!("{v}: gguf/"), "attached to the registered model".into(), String::new(), String::new(), String::new()]);
+        }
         t
     }
 }
@@ -513,7 +528,7 @@ impl Export {
     /// Exports `source`: a run, a PEFT adapter folder, a registered model, a Hugging
     /// Face folder or cached id, or a `.gguf` (see [`load_source`]).
     pub fn new(source: impl Into<String>) -> Self {
-        Self { source: source.into(), gguf: None, hf: None, quant: Quant::F16, adapter_only: false, ollama: false, system: None }
+        Self { source: source.into(), gguf: None, hf: None, quant: Quant::F16, adapter_only: false, ollama: false, system: None, attach_to: None }
     }
 
     /// Writes a GGUF file here.
@@ -553,6 +568,13 @@ impl Export {
         self
     }
 
+    /// Attaches the GGUF file(s) to a registered version (`name/3`, `name@alias`) under
+    /// `gguf/`, where [`crate::registry::Registry::download_gguf`] finds them.
+    pub fn attach_to(mut self, version: impl Into<String>) -> Self {
+        self.attach_to = Some(version.into());
+        self
+    }
+
     /// Loads the source and writes everything asked for.
     pub fn run(self) -> Result<Exported> {
         if self.gguf.is_none() && self.hf.is_none() {
@@ -560,6 +582,9 @@ impl Export {
         }
         if self.ollama && self.gguf.is_none() {
             bail!("a Modelfile goes beside a GGUF file: give --gguf OUT.gguf with --ollama");
+        }
+        if self.attach_to.is_some() && self.gguf.is_none() {
+            bail!("only GGUF files are attached to a registered model: give --gguf OUT.gguf with --attach-to");
         }
         let model = load_source(&self.source).with_context(|| format!("loading {}", self.source))?;
         self.run_on(&model)
@@ -587,7 +612,7 @@ impl Export {
                             let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
                             let p = path.with_file_name(format!("{stem}.base.gguf"));
                             let q = if self.quant == Quant::Source { Quant::F16 } else { self.quant };
-                            out.gguf.push(write_model_gguf(&base_model, &p, q)?);
+                            out.gguf.push(write_model_gguf(&base_model, &p, q, None)?);
                             p
                         }
                     };
@@ -595,7 +620,7 @@ impl Export {
                 }
                 out.gguf.insert(0, a);
             } else {
-                out.gguf.push(write_model_gguf(model, path, self.quant)?);
+                out.gguf.push(write_model_gguf(model, path, self.quant, self.model_name(model).as_deref())?);
                 if self.ollama {
                     out.modelfile = Some(self.write_modelfile(path, None, model)?);
                 }
@@ -604,7 +629,30 @@ impl Export {
         if let Some(dir) = &self.hf {
             out.hf = Some(model.export_hf(dir)?);
         }
+        if let Some(spec) = &self.attach_to {
+            let reg = crate::registry::Registry::new(None)?;
+            for g in &out.gguf {
+                let name = g.path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model.gguf".into());
+                let v = reg.attach_file(spec, &g.path, &format!("{}/{name}", crate::registry::GGUF_DIR))?;
+                out.attached_to = Some(v.reference());
+            }
+        }
         Ok(out)
+    }
+
+    /// A merged fine-tune is named after what was exported (the run or registered
+    /// model), not after its base.
+    fn model_name(&self, model: &Model) -> Option<String> {
+        if !model.llama.has_lora() {
+            return None;
+        }
+        let p = Path::new(&self.source);
+        if !p.exists() {
+            return Some(self.source.clone());
+        }
+        // A run's `model/` folder is named after its run.
+        let p = if p.file_name().is_some_and(|n| n == "model") { p.parent()? } else { p };
+        p.file_name().map(|n| n.to_string_lossy().to_string())
     }
 
     fn write_modelfile(&self, from: &Path, adapter: Option<&Path>, model: &Model) -> Result<PathBuf> {
@@ -649,6 +697,9 @@ pub struct ExportArgs {
     /// Write a merged Hugging Face folder (safetensors, config.json, tokenizer).
     #[arg(long, value_name = "OUT_DIR")]
     pub hf: Option<PathBuf>,
+    /// Attach the GGUF file(s) to this registered version (name/3, name@alias), under gguf/.
+    #[arg(long, value_name = "MODEL_VERSION")]
+    pub attach_to: Option<String>,
 }
 
 /// Runs `tunebook export`.
@@ -662,6 +713,9 @@ pub fn run_cli(args: &ExportArgs) -> Result<()> {
     }
     if let Some(s) = &args.system {
         e = e.system(s);
+    }
+    if let Some(v) = &args.attach_to {
+        e = e.attach_to(v);
     }
     let out = e.run()?;
     println!("{}", out.text_plain());

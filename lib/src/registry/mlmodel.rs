@@ -10,9 +10,12 @@
 //! requirements.txt           what a Python user needs
 //! ```
 //!
-//! An adapter's base model is not uploaded: the `MLmodel` names it
-//! (`source_model_name` for a Hugging Face id, `local_base_model_path` for a local
-//! directory), and whoever loads the adapter needs that base.
+//! An adapter whose base is a Hugging Face id names it (`source_model_name` and the
+//! cached revision): whoever loads it gets the base from the Hub or their cache. A base
+//! that is a local file (a `.gguf`) or a local folder is uploaded with the adapter, in
+//! Hugging Face layout under `model/` (`model_binary`), so the registered model loads on
+//! a machine that has never seen that file: MLflow's `transformers` flavor builds the
+//! base from `model/` and applies `peft/` on it, and so does tunebook (adapter unmerged).
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
@@ -96,6 +99,21 @@ pub fn plan(model_dir: &Path, model_id: &str, run_id: &str) -> Result<Plan> {
     let weights_dir = if matches!(kind, ModelKind::Full) { MODEL_DIR } else { PEFT_DIR };
     let mut files = Vec::new();
     let mut size = 0u64;
+    // A local base travels with its adapter (weights and config only; the tokenizer is the adapter's).
+    let embedded_base = match &kind {
+        ModelKind::Adapter { base } if !is_hub_id(base) => local_base_dir(base)?,
+        _ => None,
+    };
+    if let Some(b) = &embedded_base {
+        for f in crate::mlflow::api::walk_files(b)? {
+            let rel = f.strip_prefix(b).unwrap().to_string_lossy().replace('\\', "/");
+            let weights = rel.ends_with(".safetensors") || rel == "model.safetensors.index.json";
+            if weights || rel == "config.json" || rel == "generation_config.json" {
+                size += std::fs::metadata(&f)?.len();
+                files.push((f, format!("{MODEL_DIR}/{rel}")));
+            }
+        }
+    }
     let mut has_tokenizer = false;
     for f in crate::mlflow::api::walk_files(model_dir)? {
         let rel = f.strip_prefix(model_dir).unwrap().to_string_lossy().replace('\\', "/");
@@ -111,7 +129,7 @@ pub fn plan(model_dir: &Path, model_id: &str, run_id: &str) -> Result<Plan> {
         };
         files.push((f, dest));
     }
-    let mlmodel = mlmodel_yaml(model_dir, &kind, has_tokenizer, model_id, run_id, size)?;
+    let mlmodel = mlmodel_yaml(model_dir, &kind, embedded_base.as_deref(), has_tokenizer, model_id, run_id, size)?;
     let requirements = match kind {
         ModelKind::Full => "mlflow\ntransformers\ntorch\nsafetensors\n",
         ModelKind::Adapter { .. } => "mlflow\ntransformers\ntorch\nsafetensors\npeft\n",
@@ -129,17 +147,42 @@ fn is_hub_id(s: &str) -> bool {
     !s.starts_with('/') && !s.starts_with('.') && !s.ends_with(".gguf") && s.split('/').count() == 2 && !Path::new(s).exists()
 }
 
+/// A local base model in Hugging Face layout: the folder itself, or a `.gguf` file
+/// converted once into `<cache>/registry/bases/` (f32, exact: the values tunebook
+/// trained on). `None` when the base is not on this machine.
+fn local_base_dir(base: &str) -> Result<Option<PathBuf>> {
+    let p = Path::new(base);
+    if p.is_dir() && p.join("config.json").is_file() {
+        return Ok(Some(p.to_path_buf()));
+    }
+    if !(p.is_file() && base.ends_with(".gguf")) {
+        return Ok(None);
+    }
+    let meta = std::fs::metadata(p)?;
+    let stamp = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0);
+    let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let dest = crate::files::cache_dir().join("registry/bases").join(format!("{stem}-{}-{stamp}", meta.len()));
+    if dest.join("config.json").is_file() {
+        return Ok(Some(dest));
+    }
+    let model = crate::model::Model::load(base).with_context(|| format!("loading the adapter's base {base} to upload it with the adapter"))?;
+    let stage = crate::files::StagedDir::new(&dest)?;
+    model.save_pretrained(stage.path()).with_context(|| format!("writing the adapter's base {base} in Hugging Face layout"))?;
+    Ok(Some(stage.commit(crate::files::IfExists::Keep)?))
+}
+
 /// The commit the local Hugging Face cache has for `id` (refs/main), if any.
 fn cached_revision(id: &str) -> Option<String> {
     let r = crate::model::hf_cache_dir().join(format!("models--{}", id.replace('/', "--"))).join("refs/main");
     std::fs::read_to_string(r).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-fn mlmodel_yaml(model_dir: &Path, kind: &ModelKind, has_tokenizer: bool, model_id: &str, run_id: &str, size: u64) -> Result<String> {
-    // The model config: for an adapter, the base's (when it is a local directory).
-    let config = match kind {
-        ModelKind::Full => read_json(&model_dir.join("config.json")),
-        ModelKind::Adapter { base } => read_json(&Path::new(base).join("config.json")),
+fn mlmodel_yaml(model_dir: &Path, kind: &ModelKind, embedded_base: Option<&Path>, has_tokenizer: bool, model_id: &str, run_id: &str, size: u64) -> Result<String> {
+    // The model config: for an adapter, the base's (when it is local).
+    let config = match (kind, embedded_base) {
+        (ModelKind::Full, _) => read_json(&model_dir.join("config.json")),
+        (ModelKind::Adapter { .. }, Some(b)) => read_json(&b.join("config.json")),
+        (ModelKind::Adapter { base }, None) => read_json(&Path::new(base).join("config.json")),
     };
     let arch = config
         .get("architectures")
@@ -172,6 +215,9 @@ fn mlmodel_yaml(model_dir: &Path, kind: &ModelKind, has_tokenizer: bool, model_i
                     tf.insert("tokenizer_name".into(), json!(base));
                     tf.insert("tokenizer_revision".into(), json!(rev));
                 }
+            } else if embedded_base.is_some() {
+                // MLflow builds the base from `model/` (not from a path on this machine).
+                tf.insert("model_binary".into(), json!(MODEL_DIR));
             } else {
                 tf.insert("local_base_model_path".into(), json!(base));
             }
@@ -196,6 +242,9 @@ fn mlmodel_yaml(model_dir: &Path, kind: &ModelKind, has_tokenizer: bool, model_i
             tb.insert("kind".into(), json!("peft"));
             tb.insert("adapter_dir".into(), json!(PEFT_DIR));
             tb.insert("base_model".into(), json!(base));
+            if embedded_base.is_some() {
+                tb.insert("base_dir".into(), json!(MODEL_DIR));
+            }
         }
     }
     tb.insert("tokenizer_dir".into(), json!(TOKENIZER_DIR));
@@ -345,7 +394,16 @@ mod tests {
         let p = plan(&ad, "m-2", "r2").unwrap();
         assert_eq!(p.kind, ModelKind::Adapter { base: full.display().to_string() });
         assert_eq!(mlmodel_value(&p.mlmodel, "transformers", "peft_adaptor").as_deref(), Some("peft"));
-        assert_eq!(mlmodel_value(&p.mlmodel, "transformers", "local_base_model_path"), Some(full.display().to_string()));
+        // The local base travels with the adapter: MLflow builds it from model/, not from this machine's path.
+        assert_eq!(mlmodel_value(&p.mlmodel, "transformers", "local_base_model_path"), None);
+        assert_eq!(mlmodel_value(&p.mlmodel, "transformers", "model_binary").as_deref(), Some("model"));
+        assert_eq!(mlmodel_value(&p.mlmodel, "tunebook", "base_dir").as_deref(), Some("model"));
+        let dests: Vec<&str> = p.files.iter().map(|(_, d)| d.as_str()).collect();
+        assert_eq!(dests, vec!["model/config.json", "model/model.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors"]);
+        // A base that is nowhere on this machine can only be named.
+        std::fs::write(ad.join("adapter_config.json"), r#"{"base_model_name_or_path":"/nowhere/base.gguf"}"#).unwrap();
+        let p = plan(&ad, "m-3", "r3").unwrap();
+        assert_eq!(mlmodel_value(&p.mlmodel, "transformers", "local_base_model_path").as_deref(), Some("/nowhere/base.gguf"));
         assert!(p.files.iter().all(|(_, d)| d.starts_with("peft/")));
         assert!(plan(dir.path(), "m", "r").unwrap_err().to_string().contains("not a Hugging Face model directory"));
     }

@@ -29,7 +29,7 @@ pub mod publish;
 pub mod refs;
 pub mod types;
 
-pub use cache::{cache_root, load_mlflow_model_dir};
+pub use cache::{GGUF_DIR, cache_root, load_mlflow_model_dir};
 pub use publish::{LoggedOutput, log_and_register, log_model};
 pub use refs::{ModelRef, Selector, parse_model_ref, register_target};
 use refs::check_alias;
