@@ -8,9 +8,11 @@ what it writes, in the same run.
    the merge) to q8_0 and q4_k_m, and to f32 for the size of one f32 copy. Prints wall
    time and the peak RSS of each export process (goal: peak RSS < 1.5x the f32 model's
    size, i.e. the loaded model plus about one tensor).
-2. llama.cpp decode tok/s (2 pinned threads, 128-token prompt, 64 greedy tokens) on our
-   q4_k_m export and on the original GGUF, interleaved --runs times; medians and their
-   ratio (goal >= 0.95x).
+2. llama.cpp decode tok/s (2 pinned threads, 128-token prompt, 64 greedy tokens) on the
+   original GGUF and on our exports, interleaved --runs times; medians and ratios to the
+   original (goal for q4_k_m >= 0.95x). Also q4_1 (the original's own types, like for
+   like), q5_0 (what q4_k_m falls back to on SmolLM2's 576-wide rows) and `--quant
+   source` (its bytes copied: the bench's own noise floor).
 Run it on an idle machine.
 """
 import argparse
@@ -53,7 +55,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         files = {}
         rows = []
-        for quant in ["f32", "q8_0", "q4_k_m"]:
+        for quant in ["f32", "q8_0", "q4_k_m", "q4_1", "q5_0", "source"]:
             files[quant] = os.path.join(d, f"out-{quant}.gguf")
             wall, rss = export(a.source, files[quant], quant)
             rows.append((quant, wall, rss, os.path.getsize(files[quant])))
@@ -62,13 +64,16 @@ def main():
         print(f"{'export':>8} {'seconds':>8} {'peak RSS MB':>12} {'file MB':>8} {'RSS / f32 model':>16}")
         for quant, wall, rss, size in rows:
             print(f"{quant:>8} {wall:8.2f} {rss / 1e6:12.1f} {size / 1e6:8.1f} {rss / f32_size:15.2f}x")
-        ours, orig = [], []
+        models = {"original": GGUF, "q4_k_m": files["q4_k_m"], "q4_1": files["q4_1"], "q5_0": files["q5_0"], "source": files["source"]}
+        speeds = {k: [] for k in models}
         for _ in range(a.runs):
-            ours.append(decode_tok_s(files["q4_k_m"]))
-            orig.append(decode_tok_s(GGUF))
-        mo, mg = statistics.median(ours), statistics.median(orig)
-        print(f"llama.cpp decode tok/s, 2 threads, median of {a.runs}: our q4_k_m {mo:.1f} {ours}; original {os.path.basename(GGUF)} {mg:.1f} {orig}")
-        print(f"ratio q4_k_m / original: {mo / mg:.2f}x (goal >= 0.95x)")
+            for k, m in models.items():
+                speeds[k].append(decode_tok_s(m))
+        med = {k: statistics.median(v) for k, v in speeds.items()}
+        print(f"llama.cpp decode tok/s, 2 threads, median of {a.runs} interleaved runs:")
+        for k, v in speeds.items():
+            print(f"  {k:>8} {med[k]:6.1f}  {med[k] / med['original']:.2f}x  {v}")
+        print(f"ratio q4_k_m / original: {med['q4_k_m'] / med['original']:.2f}x (goal >= 0.95x)")
 
 
 if __name__ == "__main__":

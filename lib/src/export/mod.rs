@@ -586,7 +586,8 @@ impl Export {
         if self.attach_to.is_some() && self.gguf.is_none() {
             bail!("only GGUF files are attached to a registered model: give --gguf OUT.gguf with --attach-to");
         }
-        let model = load_source(&self.source).with_context(|| format!("loading {}", self.source))?;
+        // Nothing here decodes: the f32 weights are enough (see `without_decode_copies`).
+        let model = crate::model::io::without_decode_copies(|| load_source(&self.source)).with_context(|| format!("loading {}", self.source))?;
         self.run_on(&model)
     }
 

@@ -205,8 +205,19 @@ pub fn quantize(values: &[f32], shape: &[usize], dtype: GgmlDType) -> Result<Vec
         GgmlDType::Q5K => super::kquants::quantize_q5_k(values),
         GgmlDType::Q6K => super::kquants::quantize_q6_k(values),
         _ => {
-            let t = Tensor::from_slice(values, shape, &Device::Cpu)?;
-            QTensor::quantize(&t, dtype)?.data()?.into_owned()
+            // Blocks never cross a row, so rows quantize in chunks of about 1 MB: the same
+            // bytes without a second full-size copy of a large tensor (the embedding).
+            let row = *shape.last().unwrap_or(&1);
+            if row == 0 || values.len() % row != 0 {
+                bail!("{} values are not whole rows of {row}", values.len());
+            }
+            let rows_per_chunk = ((1 << 18) / row).max(1);
+            let mut out = Vec::with_capacity(values.len() / dtype.block_size() * dtype.type_size());
+            for chunk in values.chunks(rows_per_chunk * row) {
+                let t = Tensor::from_slice(chunk, (chunk.len() / row, row), &Device::Cpu)?;
+                out.extend_from_slice(&QTensor::quantize(&t, dtype)?.data()?);
+            }
+            out
         }
     })
 }

@@ -279,7 +279,7 @@ impl LlamaModel {
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
         let names: std::collections::HashSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
         let mut packed = HashMap::new();
-        let keep_bf16 = device.is_cpu() && dtype == DType::F32;
+        let keep_bf16 = device.is_cpu() && dtype == DType::F32 && decode_copies();
         let mut model = Self::from_tensors(config, device, dtype, |name| {
             if !names.contains(name) {
                 return Ok(None);
@@ -324,7 +324,7 @@ impl LlamaModel {
             }
             let q = content.tensor(&mut file, &g, &Device::Cpu).with_context(|| format!("reading GGUF tensor `{g}`"))?;
             let mut t = q.dequantize(&Device::Cpu).with_context(|| format!("dequantising GGUF tensor `{g}`"))?;
-            let mut p = if t.rank() == 2 { ops::packed::PackedWeight::from_qtensor(&q)? } else { None };
+            let mut p = if t.rank() == 2 && decode_copies() { ops::packed::PackedWeight::from_qtensor(&q)? } else { None };
             let heads = if !permuted {
                 None
             } else if g.contains("attn_q.") {
@@ -408,6 +408,29 @@ impl LlamaModel {
         crate::files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         Ok(())
     }
+}
+
+thread_local! {
+    static DECODE_COPIES: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+fn decode_copies() -> bool {
+    DECODE_COPIES.with(|c| c.get())
+}
+
+/// Runs `f` with model loads on this thread skipping the compact decode copies of
+/// quantized (or bf16) weights: for loads that only convert a model and never decode
+/// (export), which then hold the f32 weights alone (SmolLM2 from its Q4_1 GGUF: 180 MB
+/// less).
+pub fn without_decode_copies<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DECODE_COPIES.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(DECODE_COPIES.with(|c| c.replace(false)));
+    f()
 }
 
 /// The GGUF (llama.cpp) name of a Hugging Face tensor name of a Llama-family model:
