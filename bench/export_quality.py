@@ -5,7 +5,7 @@
 Exports RUN (a LoRA fine-tune of SmolLM2 on data/sample) merged at every file type,
 then evaluates all of them in one `tunebook eval` on the held-out rows (greedy, the
 model's chat template): file size and exact match per type, next to the unquantized run.
-Without --run, fine-tunes one first (`tunebook train`, 40 batches, a few minutes).
+Without --run, fine-tunes one first as the quickstart does (`tunebook train`, one epoch).
 """
 import argparse
 import csv
@@ -30,7 +30,7 @@ def main():
             cfg = os.path.join(d, "run.toml")
             with open(cfg, "w") as f:
                 f.write(f'model = {json.dumps(GGUF)}\ntrain_data = {json.dumps(os.path.join(ROOT, "data/sample/dates-train.jsonl"))}\n'
-                        'name = "quality"\ntraining_duration = "40ba"\nlearning_rate = 2e-3\n[lora]\nr = 8\nalpha = 16.0\ndropout = 0.0\n')
+                        'name = "quality"\ntraining_duration = "1ep"\nlearning_rate = 1e-3\nwarmup_steps = 3\ncontext_length = 256\nbatch_size = 4\n[lora]\nr = 8\nalpha = 16.0\ndropout = 0.0\n')
             env = dict(os.environ, TUNEBOOK_RUNS=os.path.join(d, "runs"))
             subprocess.run(["tunebook", "train", cfg], check=True, env=env, capture_output=True)
             run = os.path.join(d, "runs", "quality")

@@ -43,8 +43,9 @@ fn tiny(model_type: &str, rope_scaling: Option<RopeScaling>, tok: &Tokenizer, se
 fn randomize_b(model: &mut Model, std: f32) -> Result<()> {
     for layer in model.llama.layers.iter_mut() {
         for (_, lin) in layer.linears_mut() {
-            let b = lin.lora.as_ref().unwrap().b.clone();
-            b.set(&Tensor::randn(0f32, std, b.as_tensor().dims(), &Device::Cpu)?)?;
+            if let Some(l) = &lin.lora {
+                l.b.set(&Tensor::randn(0f32, std, l.b.as_tensor().dims(), &Device::Cpu)?)?;
+            }
         }
     }
     Ok(())
@@ -350,5 +351,20 @@ fn a_merged_hugging_face_export_reloads_with_the_merged_weights_and_answers() ->
     let prompts = chat_prompts(&tok)?;
     assert_eq!(tunebook_greedy(&back, &prompts, 8)?, tunebook_greedy(&merged, &prompts, 8)?);
     assert!(!model.llama.layers[0].self_attn.q_proj.lora.is_none(), "exporting leaves the caller's adapters in place");
+    Ok(())
+}
+
+#[test]
+fn merging_into_a_quantized_base_and_requantizing_to_its_type_warns_that_the_adapter_is_rounded_away() -> Result<()> {
+    let Some(gguf) = common::gguf_or_skip("requantize_warning") else { return Ok(()) };
+    let mut model = Model::load(&gguf.to_string_lossy())?;
+    model.llama.add_lora(&Lora::rank(4).alpha(8.0).targets(&["q_proj", "v_proj"]))?;
+    randomize_b(&mut model, 0.01)?;
+    let dir = tempfile::tempdir()?;
+    let same = model.export_gguf(dir.path().join("q4_1.gguf"), Quant::Q4_1)?;
+    assert_eq!(same.warnings.len(), 1, "{:?}", same.warnings);
+    assert!(same.warnings[0].contains("60 tensors with a merged adapter") && same.warnings[0].contains("--adapter-only"), "{}", same.warnings[0]);
+    let other = model.export_gguf(dir.path().join("q8_0.gguf"), Quant::Q8_0)?;
+    assert!(other.warnings.is_empty(), "{:?}", other.warnings);
     Ok(())
 }

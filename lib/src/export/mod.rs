@@ -219,6 +219,8 @@ pub struct GgufFile {
     pub copied: usize,
     /// Seconds it took.
     pub seconds: f64,
+    /// What the file may get wrong, in words (shown under the export's table).
+    pub warnings: Vec<String>,
 }
 
 impl GgufFile {
@@ -276,6 +278,8 @@ pub fn write_model_gguf(model: &Model, path: &Path, quant: Quant, name: Option<&
         md.retain(|(k, _)| k != "general.name");
         md.insert(2, ("general.name".to_string(), Value::String(n.to_string())));
     }
+    let source_types: HashMap<String, GgmlDType> =
+        source.as_ref().map(|(_, c)| c.tensor_infos.iter().map(|(n, i)| (n.clone(), i.ggml_dtype)).collect()).unwrap_or_default();
     if quant != Quant::Source {
         source = None;
     }
@@ -311,6 +315,26 @@ pub fn write_model_gguf(model: &Model, path: &Path, quant: Quant, name: Option<&
         specs.push(TensorSpec { name, shape, dtype });
         sources.push(Some((hf, t)));
     }
+    // An adapter merged into a quantized base and quantized again to the base's own
+    // type mostly rounds back to the base's values: its change is lost.
+    let requantized = specs
+        .iter()
+        .zip(&sources)
+        .filter(|(spec, src)| {
+            src.as_ref().is_some_and(|(hf, _)| adapters.contains_key(hf))
+                && !matches!(spec.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+                && source_types.get(&spec.name) == Some(&spec.dtype)
+        })
+        .count();
+    let mut warnings = vec![];
+    if requantized > 0 {
+        warnings.push(format!(
+            "{requantized} tensors with a merged adapter are quantized to the type their base already had: most of the \
+             adapter's change rounds back to the base's values (on the sample task, a Q4_1 base merged and exported as \
+             q4_1: 95% → 46% exact match). Export the adapter alone (--adapter-only) for the original base, or choose \
+             another type (q8_0, q5_0, q4_k_m)"
+        ));
+    }
     let mut copied = 0;
     let bytes = gguf::write_gguf(path, &md, &specs, |i, spec| {
         let Some((hf, t)) = &sources[i] else {
@@ -337,7 +361,7 @@ pub fn write_model_gguf(model: &Model, path: &Path, quant: Quant, name: Option<&
         }
         quant::quantize(&values, &spec.shape, spec.dtype)
     })?;
-    Ok(GgufFile { path: path.to_path_buf(), bytes, kind: "model".into(), quant, tensors: specs, copied, seconds: started.elapsed().as_secs_f64() })
+    Ok(GgufFile { path: path.to_path_buf(), bytes, kind: "model".into(), quant, tensors: specs, copied, seconds: started.elapsed().as_secs_f64(), warnings })
 }
 
 /// Writes the model's LoRA adapters as a llama.cpp GGUF adapter (`general.type =
@@ -397,7 +421,7 @@ pub fn write_adapter_gguf(model: &Model, path: &Path, quant: Quant) -> Result<Gg
         };
         quant::quantize(&values, &spec.shape, spec.dtype)
     })?;
-    Ok(GgufFile { path: path.to_path_buf(), bytes, kind: "adapter".into(), quant, tensors: specs, copied: 0, seconds: started.elapsed().as_secs_f64() })
+    Ok(GgufFile { path: path.to_path_buf(), bytes, kind: "adapter".into(), quant, tensors: specs, copied: 0, seconds: started.elapsed().as_secs_f64(), warnings: vec![] })
 }
 
 /// An Ollama `Modelfile` for a GGUF export: `FROM` the model (or the base with
@@ -515,12 +539,27 @@ impl Exported {
     }
 }
 
+impl Exported {
+    fn warnings(&self) -> Vec<String> {
+        self.gguf.iter().flat_map(|g| g.warnings.iter().map(|w| format!("warning: {}: {w}", g.path.display()))).collect()
+    }
+}
+
 impl Render for Exported {
     fn text_plain(&self) -> String {
-        self.table().text_plain()
+        let mut s = self.table().text_plain();
+        for w in self.warnings() {
+            s.push('\n');
+            s.push_str(&w);
+        }
+        s
     }
     fn text_html(&self) -> Option<String> {
-        self.table().text_html()
+        let mut h = self.table().text_html()?;
+        for w in self.warnings() {
+            h.push_str(&format!("<p><strong>{}</strong></p>", crate::display::escape_html(&w)));
+        }
+        Some(h)
     }
 }
 

@@ -111,6 +111,17 @@ impl Run {
         crate::model::Model::load(&dir.to_string_lossy()).with_context(|| format!("loading the model of run {}", self.name()))
     }
 
+    /// Exports the trained model as a GGUF file for llama.cpp and Ollama (an adapter
+    /// merged into its base, tensor by tensor), quantized as `quant`; see
+    /// [`crate::export::Export`] for adapter-only files, a Modelfile or attaching the file
+    /// to the registered version.
+    pub fn export_gguf(&self, path: impl AsRef<std::path::Path>, quant: crate::export::Quant) -> Result<crate::export::Exported> {
+        if self.model_dir().is_none() {
+            bail!("run {} has no trained model yet: wait for it with `run.wait()`", self.name());
+        }
+        crate::export::Export::new(self.dir().to_string_lossy()).gguf(path.as_ref()).quant(quant).run()
+    }
+
     /// The trained model directory, once completed.
     pub fn model_dir(&self) -> Option<PathBuf> {
         let d = self.dir().join("model");

@@ -59,7 +59,7 @@ def main():
             cfg = os.path.join(d, "run.toml")
             with open(cfg, "w") as f:
                 f.write(f'model = {json.dumps(GGUF)}\ntrain_data = {json.dumps(os.path.join(ROOT, "data/sample/dates-train.jsonl"))}\n'
-                        'name = "interop"\ntraining_duration = "16ba"\nlearning_rate = 2e-3\nregister_to = "main.interop.dates"\n'
+                        'name = "interop"\ntraining_duration = "10ba"\nlearning_rate = 1e-3\nwarmup_steps = 3\ncontext_length = 256\nbatch_size = 4\nregister_to = "main.interop.dates"\n'
                         '[lora]\nr = 8\nalpha = 16.0\ndropout = 0.0\n')
             subprocess.run(["tunebook", "train", cfg], check=True, env=env, capture_output=True)
             run = os.path.join(d, "runs", "interop")
