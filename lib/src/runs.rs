@@ -48,6 +48,12 @@ pub fn resolve_run_dir(name_or_path: &str) -> Result<PathBuf> {
     )
 }
 
+/// The directory of the run `source` names (a run folder or a run name), when it is one
+/// (it holds `status.json`); `None` for anything else (a model folder, an id).
+pub fn run_dir_of(source: &str) -> Option<PathBuf> {
+    resolve_run_dir(source).ok().filter(|d| d.join("status.json").is_file())
+}
+
 /// `tracking.json`: what the tracker needs to open the run's MLflow run, written
 /// when the run is created, so a later `tunebook runs sync` can ship it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

@@ -313,11 +313,7 @@ fn llama_cpp_answers_like_tunebook_on_tiny_llama_3_1_and_qwen2_models_and_a_lora
     randomize_b(&mut model, 0.2)?;
     let (base_path, adapter_path) = (dir.path().join("base.gguf"), dir.path().join("adapter.gguf"));
     let mut base = model.clone();
-    for layer in base.llama.layers.iter_mut() {
-        for (_, lin) in layer.linears_mut() {
-            lin.lora = None;
-        }
-    }
+    base.llama.remove_lora();
     base.export_gguf(&base_path, Quant::F32)?;
     model.export_adapter_gguf(&adapter_path, Quant::F32)?;
     let mut merged = model.clone();

@@ -102,13 +102,8 @@ pub(crate) fn answers_all(specs: &[ModelSpec], rows: &[EvalRow], s: &Settings) -
 fn local_plan(source: &str) -> (String, Option<std::path::PathBuf>) {
     let path = local_model_path(source);
     let p = Path::new(&path);
-    if p.is_dir() && p.join("adapter_config.json").is_file() && !p.join("config.json").is_file() {
-        let base = std::fs::read_to_string(p.join("adapter_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
-            .filter(|b| !b.is_empty());
-        if let Some(base) = base {
+    if crate::model::lora::is_adapter_dir(p) {
+        if let Ok(base) = crate::model::lora::adapter_base_model(p) {
             return (base, Some(p.to_path_buf()));
         }
     }
@@ -117,14 +112,10 @@ fn local_plan(source: &str) -> (String, Option<std::path::PathBuf>) {
 
 /// A run's name or folder is its trained model; anything else is what `serve` loads.
 pub(crate) fn local_model_path(source: &str) -> String {
-    let p = Path::new(source);
-    let run_dir = if p.is_dir() { Some(p.to_path_buf()) } else { crate::runs::resolve_run_dir(source).ok() };
-    if let Some(d) = run_dir {
-        if d.join("status.json").is_file() && d.join("model").is_dir() {
-            return d.join("model").display().to_string();
-        }
+    match crate::runs::run_dir_of(source) {
+        Some(d) if d.join("model").is_dir() => d.join("model").display().to_string(),
+        _ => source.to_string(),
     }
-    source.to_string()
 }
 
 /// A prompt as plain text: its messages' contents, separated by blank lines.

@@ -44,44 +44,18 @@ use std::time::Instant;
 /// `models:/..`), or anything [`Model::load`] reads (Hugging Face folder or cached id,
 /// `.gguf`).
 pub fn load_source(spec: &str) -> Result<Model> {
-    let p = Path::new(spec);
-    let run_dir = if p.is_dir() { Some(p.to_path_buf()) } else { crate::runs::resolve_run_dir(spec).ok() };
-    if let Some(d) = run_dir.filter(|d| d.join("status.json").is_file()) {
+    if let Some(d) = crate::runs::run_dir_of(spec) {
         let model = d.join("model");
         if !model.is_dir() {
             bail!("run {} has no trained model yet (no {}): wait for it to complete", d.display(), model.display());
         }
         return load_source(&model.to_string_lossy()).with_context(|| format!("loading the model of run {}", d.display()));
     }
-    if p.is_dir() && p.join("adapter_config.json").is_file() && !p.join("config.json").is_file() {
-        return load_adapter_unmerged(p);
+    let p = Path::new(spec);
+    if crate::model::lora::is_adapter_dir(p) {
+        return Model::load_adapter_unmerged(p, &crate::model::default_device(), DType::F32);
     }
-    if !p.exists() && (spec.starts_with("models:/") || spec.contains('@')) {
-        return crate::registry::Registry::load(spec);
-    }
-    match Model::load(spec) {
-        Ok(m) => Ok(m),
-        Err(e) if !p.exists() && crate::registry::parse_model_ref(spec).is_ok() => crate::registry::Registry::load(spec)
-            .with_context(|| format!("{spec} is neither a local model ({e:#}) nor a registered one")),
-        Err(e) => Err(e),
-    }
-}
-
-/// A PEFT adapter folder on its base, the adapters not merged.
-fn load_adapter_unmerged(dir: &Path) -> Result<Model> {
-    let cfg_path = dir.join("adapter_config.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?)
-        .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-    let base = v["base_model_name_or_path"]
-        .as_str()
-        .filter(|b| !b.is_empty())
-        .with_context(|| format!("{}: `base_model_name_or_path` is missing, so the adapter's base model is unknown", cfg_path.display()))?;
-    let mut m = Model::load(base).with_context(|| format!("loading the base model {base:?} of the adapter in {}", dir.display()))?;
-    m.llama.load_lora(dir)?;
-    if dir.join("tokenizer.json").is_file() {
-        m.tokenizer = Some(crate::tokenize::Tokenizer::load(dir)?);
-    }
-    Ok(m)
+    crate::registry::load_local_or_registered(spec, Model::load)
 }
 
 /// The GGUF architecture of a model type.
@@ -644,11 +618,7 @@ impl Export {
                         Some(ModelSource::Gguf(p)) => p.clone(),
                         _ => {
                             let mut base_model = model.clone();
-                            for layer in base_model.llama.layers.iter_mut() {
-                                for (_, lin) in layer.linears_mut() {
-                                    lin.lora = None;
-                                }
-                            }
+                            base_model.llama.remove_lora();
                             let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
                             let p = path.with_file_name(format!("{stem}.base.gguf"));
                             let q = if self.quant == Quant::Source { Quant::F16 } else { self.quant };

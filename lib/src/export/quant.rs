@@ -92,24 +92,20 @@ impl Quant {
 
 impl fmt::Display for Quant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let i = [
-            Quant::F32,
-            Quant::F16,
-            Quant::BF16,
-            Quant::Q8_0,
-            Quant::Q4_0,
-            Quant::Q4_1,
-            Quant::Q5_0,
-            Quant::Q5_1,
-            Quant::Q4KM,
-            Quant::Q5KM,
-            Quant::Q6K,
-            Quant::Source,
-        ]
-        .iter()
-        .position(|q| q == self)
-        .unwrap_or(0);
-        f.write_str(Quant::NAMES[i])
+        f.write_str(match self {
+            Quant::F32 => "f32",
+            Quant::F16 => "f16",
+            Quant::BF16 => "bf16",
+            Quant::Q8_0 => "q8_0",
+            Quant::Q4_0 => "q4_0",
+            Quant::Q4_1 => "q4_1",
+            Quant::Q5_0 => "q5_0",
+            Quant::Q5_1 => "q5_1",
+            Quant::Q4KM => "q4_k_m",
+            Quant::Q5KM => "q5_k_m",
+            Quant::Q6K => "q6_k",
+            Quant::Source => "source",
+        })
     }
 }
 

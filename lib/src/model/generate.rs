@@ -322,7 +322,7 @@ impl Model {
     /// Loads on a chosen device and dtype.
     pub fn load_on(spec: &str, device: &Device, dtype: DType) -> Result<Self> {
         let dir = std::path::Path::new(spec);
-        if dir.is_dir() && dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file() {
+        if super::lora::is_adapter_dir(dir) {
             return Self::load_adapter(dir, device, dtype);
         }
         let source = resolve_model(spec)?;
@@ -341,16 +341,18 @@ impl Model {
     /// in `adapter_config.json`), the adapter merged into it for fast generation, and
     /// the adapter directory's own tokenizer files when present.
     pub fn load_adapter(dir: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
-        let base = v.get("base_model_name_or_path").and_then(|b| b.as_str()).filter(|b| !b.is_empty()).with_context(|| {
-            format!("{}: `base_model_name_or_path` is missing, so the base model of this adapter is unknown", cfg_path.display())
-        })?;
-        let mut m = Self::load_on(base, device, dtype)
+        let mut m = Self::load_adapter_unmerged(dir, device, dtype)?;
+        m.llama.merge_lora()?;
+        Ok(m)
+    }
+
+    /// [`load_adapter`](Self::load_adapter) with the adapters kept apart from the base
+    /// weights (for an export that writes them, or merges one tensor at a time).
+    pub fn load_adapter_unmerged(dir: &std::path::Path, device: &Device, dtype: DType) -> Result<Self> {
+        let base = super::lora::adapter_base_model(dir)?;
+        let mut m = Self::load_on(&base, device, dtype)
             .with_context(|| format!("loading the base model {base:?} of the adapter in {}", dir.display()))?;
         m.llama.load_lora(dir)?;
-        m.llama.merge_lora()?;
         if dir.join("tokenizer.json").is_file() {
             m.tokenizer = Some(Tokenizer::load(dir)?);
         }

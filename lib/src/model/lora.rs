@@ -167,6 +167,22 @@ fn uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Whether `dir` is a PEFT adapter folder (`adapter_config.json`, no full weights' `config.json`).
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.is_dir() && dir.join("adapter_config.json").is_file() && !dir.join("config.json").is_file()
+}
+
+/// The base model a PEFT adapter folder names (`base_model_name_or_path` in its
+/// `adapter_config.json`).
+pub fn adapter_base_model(dir: &Path) -> Result<String> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    v.get("base_model_name_or_path").and_then(Value::as_str).filter(|b| !b.is_empty()).map(str::to_string).with_context(|| {
+        format!("{}: `base_model_name_or_path` is missing, so the base model of this adapter is unknown", cfg_path.display())
+    })
+}
+
 fn module_name(sub: &str) -> &str {
     sub.rsplit('.').next().unwrap_or(sub)
 }
@@ -206,6 +222,15 @@ impl LlamaModel {
     /// Whether any projection carries an adapter.
     pub fn has_lora(&self) -> bool {
         self.layers.iter().any(|l| l.linears().iter().any(|(_, lin)| lin.lora.is_some()))
+    }
+
+    /// Removes every adapter, leaving the base weights as they are.
+    pub fn remove_lora(&mut self) {
+        for layer in self.layers.iter_mut() {
+            for (_, lin) in layer.linears_mut() {
+                lin.lora = None;
+            }
+        }
     }
 
     /// Folds every adapter into its base weight (`W += scale·B·A`) and removes the adapters.

@@ -51,6 +51,23 @@ pub struct Registry {
     cache: Option<PathBuf>,
 }
 
+/// Loads what a model argument names: a local path or Hugging Face id with `local`, a
+/// registered model (`models:/..`, `name@alias`, or `name/3` that is nothing local)
+/// through [`Registry::load`].
+pub fn load_local_or_registered(spec: &str, local: impl FnOnce(&str) -> Result<Model>) -> Result<Model> {
+    let exists = std::path::Path::new(spec).exists();
+    if !exists && (spec.starts_with("models:/") || spec.contains('@')) {
+        return Registry::load(spec);
+    }
+    match local(spec) {
+        Ok(m) => Ok(m),
+        Err(e) if !exists && parse_model_ref(spec).is_ok() => {
+            Registry::load(spec).with_context(|| format!("{spec} is neither a local model ({e:#}) nor a registered one"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 impl Registry {
     /// The registry at `uri`, else `MLFLOW_REGISTRY_URI`, else `MLFLOW_TRACKING_URI`.
     pub fn new(uri: Option<&str>) -> Result<Self> {

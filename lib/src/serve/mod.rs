@@ -294,16 +294,7 @@ async fn shutdown_signal() {
 /// Loads what `tunebook serve MODEL` names: a local path or Hugging Face id through
 /// [`Model::load`], a registered model through [`crate::registry::Registry::load`].
 pub fn load_model(spec: &str) -> Result<Model> {
-    let local = Path::new(spec).exists();
-    if !local && (spec.starts_with("models:/") || spec.contains('@')) {
-        return crate::registry::Registry::load(spec);
-    }
-    match Model::load(spec) {
-        Ok(m) => Ok(m),
-        Err(e) if !local && crate::registry::parse_model_ref(spec).is_ok() => crate::registry::Registry::load(spec)
-            .with_context(|| format!("{spec} is neither a local model ({e:#}) nor a registered one")),
-        Err(e) => Err(e),
-    }
+    crate::registry::load_local_or_registered(spec, Model::load)
 }
 
 /// Reads an adapter for `model`: a PEFT folder, or a registered model holding one.
