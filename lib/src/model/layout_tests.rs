@@ -19,26 +19,9 @@ use serde_json::Value;
 
 const REFERENCE: &str = include_str!("../../tests/data/config_layouts_reference.json");
 
-fn fnv1a64(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// The reference's weight formula, in f64.
-fn weights(name: &str, n: usize) -> Vec<f64> {
-    let mut state = fnv1a64(name);
-    let norm = name.ends_with("norm.weight");
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-            if norm { 1.0 + (2.0 * u - 1.0) * 0.1 } else { (2.0 * u - 1.0) * 0.2 }
-        })
-        .collect()
-}
+#[path = "../../tests/common/formula.rs"]
+mod formula;
+use formula::{fnv1a64, weights};
 
 fn reference() -> Value {
     serde_json::from_str(REFERENCE).expect("reference JSON")

@@ -104,9 +104,13 @@ pub(crate) fn build(content: &Content, path: &Path) -> Result<GgufTokenizer, Tok
     let model = get(content, "tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok().cloned())
         .ok_or_else(|| err("no `tokenizer.ggml.model`: the file carries no tokenizer; load tokenizer.json instead".into()))?;
+    if model == "llama" {
+        return build_sentencepiece(content, path);
+    }
     if model != "gpt2" {
         return Err(err(format!(
-            "tokenizer model `{model}` is not supported from GGUF (only byte-level BPE, `gpt2`); load the model's tokenizer.json instead"
+            "tokenizer model `{model}` is not supported from GGUF (only byte-level BPE, `gpt2`, and SentencePiece BPE, `llama`); \
+             load the model's tokenizer.json instead"
         )));
     }
     let pre_name = get(content, "tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned()).unwrap_or_else(|| "default".into());
@@ -133,38 +137,105 @@ pub(crate) fn build(content: &Content, path: &Path) -> Result<GgufTokenizer, Tok
                 "normalized": *ty != CONTROL, "special": *ty == CONTROL}));
         }
     }
-    let bos = get_u32(content, "tokenizer.ggml.bos_token_id");
-    let eos = get_u32(content, "tokenizer.ggml.eos_token_id");
-    let pad = get_u32(content, "tokenizer.ggml.padding_token_id");
-    let unk = get_u32(content, "tokenizer.ggml.unknown_token_id");
     let add_bos = get(content, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-    let post_processor = match (add_bos, bos.and_then(|b| tokens.get(b as usize).map(|t| (b, t)))) {
+    let post_processor = bos_post_processor(content, &tokens, add_bos);
+    // Llama 3's own tokenizer.json looks a whole pre-token up before merging
+    // (`ignore_merges`), and so does llama.cpp for these pre-tokenizers.
+    let ignore_merges = LLAMA3_IGNORE_MERGES.contains(&pre_name.as_str());
+    let model = json!({"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+        "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
+        "vocab": vocab, "merges": merges});
+    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    let doc = tokenizer_json(added, pre, post_processor, decoder, model);
+    Ok(specials(content, doc.to_string(), tokens))
+}
+
+/// A `tokenizer.json` document from its parts (no normalizer, truncation or padding).
+fn tokenizer_json(added: Vec<Json>, pre: Json, post_processor: Json, decoder: Json, model: Json) -> Json {
+    json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": pre, "post_processor": post_processor, "decoder": decoder, "model": model})
+}
+
+/// The post-processor that puts BOS first when `add_bos` is set.
+fn bos_post_processor(content: &Content, tokens: &[String], add_bos: bool) -> Json {
+    let bos = get_u32(content, "tokenizer.ggml.bos_token_id");
+    match (add_bos, bos.and_then(|b| tokens.get(b as usize).map(|t| (b, t)))) {
         (true, Some((id, tok))) => json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": tok, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"SpecialToken": {"id": tok, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {tok.as_str(): {"id": tok, "ids": [id], "tokens": [tok]}}}),
         _ => Json::Null,
+    }
+}
+
+/// Special ids, chat template and end-of-turn ids, the same for every tokenizer model.
+fn specials(content: &Content, json: String, tokens: Vec<String>) -> GgufTokenizer {
+    GgufTokenizer {
+        json,
+        bos: get_u32(content, "tokenizer.ggml.bos_token_id"),
+        eos: get_u32(content, "tokenizer.ggml.eos_token_id"),
+        pad: get_u32(content, "tokenizer.ggml.padding_token_id"),
+        unk: get_u32(content, "tokenizer.ggml.unknown_token_id"),
+        chat_template: get(content, "tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned()),
+        tokens,
+        end_of_turn: ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| get_u32(content, k)).collect(),
+    }
+}
+
+/// The `tokenizer.json` of a SentencePiece BPE stored as llama.cpp's `llama` model:
+/// a byte-fallback BPE whose merges follow the pieces' scores (as transformers
+/// converts a `tokenizer.model`), `▁` for spaces, and a `▁` prefix unless
+/// `tokenizer.ggml.add_space_prefix` is false.
+fn build_sentencepiece(content: &Content, path: &Path) -> Result<GgufTokenizer, TokenizeError> {
+    let err = |message: String| TokenizeError::Gguf { path: path.to_path_buf(), message };
+    let tokens = strings(content, "tokenizer.ggml.tokens", path)?;
+    let scores: Vec<f32> = match get(content, "tokenizer.ggml.scores") {
+        Some(Value::Array(items)) => items.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
+        _ => return Err(err("`tokenizer.ggml.scores` is missing: a SentencePiece vocabulary needs its scores".into())),
     };
-    // Llama 3's own tokenizer.json looks a whole pre-token up before merging
-    // (`ignore_merges`), and so does llama.cpp for these pre-tokenizers.
-    let ignore_merges = LLAMA3_IGNORE_MERGES.contains(&pre_name.as_str());
-    let doc = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre,
-        "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": ignore_merges,
-            "vocab": vocab, "merges": merges},
-    });
-    let chat_template = get(content, "tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
-    let end_of_turn = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| get_u32(content, k)).collect();
-    Ok(GgufTokenizer { json: doc.to_string(), bos, eos, pad, unk, chat_template, tokens, end_of_turn })
+    let types: Vec<i32> = match get(content, "tokenizer.ggml.token_type") {
+        Some(Value::Array(items)) => items.iter().map(|v| v.to_i32().unwrap_or(NORMAL)).collect(),
+        _ => vec![NORMAL; tokens.len()],
+    };
+    if scores.len() != tokens.len() || types.len() != tokens.len() {
+        return Err(err(format!(
+            "{} tokens, {} scores and {} token types: the vocabulary arrays must be the same length",
+            tokens.len(),
+            scores.len(),
+            types.len()
+        )));
+    }
+    let unk = get_u32(content, "tokenizer.ggml.unknown_token_id").or_else(|| types.iter().position(|t| *t == UNKNOWN).map(|i| i as u32));
+    let prefix = get(content, "tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let added: Vec<Json> = tokens
+        .iter()
+        .zip(&types)
+        .enumerate()
+        .filter(|(_, (_, ty))| matches!(**ty, CONTROL | USER_DEFINED | UNKNOWN))
+        .map(|(i, (t, ty))| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": *ty == USER_DEFINED, "special": *ty != USER_DEFINED})
+        })
+        .collect();
+    // llama.cpp adds BOS to a SentencePiece vocabulary unless told otherwise.
+    let add_bos = get(content, "tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+    let post_processor = bos_post_processor(content, &tokens, add_bos);
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let pre = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": if prefix { "always" } else { "never" }, "split": false});
+    let model = json!({"type": "BPE", "dropout": null, "unk_token": unk.and_then(|u| tokens.get(u as usize)), "continuing_subword_prefix": null,
+        "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+        "vocab": vocab, "merges": sentencepiece_merges(&tokens, &scores, &types)});
+    let doc = tokenizer_json(added, pre, post_processor, json!({"type": "Sequence", "decoders": decoders}), model);
+    Ok(specials(content, doc.to_string(), tokens))
 }
 
 /// The text llama.cpp's converter encodes to recognise a pre-tokenizer
@@ -211,28 +282,35 @@ impl super::Tokenizer {
             )))
     }
 
-    /// The `tokenizer.*` GGUF metadata llama.cpp reads, as its converter writes it for
-    /// a byte-level BPE: model `gpt2`, the pre-tokenizer name
-    /// ([`llama_cpp_pre_tokenizer`](Self::llama_cpp_pre_tokenizer)), tokens padded to
-    /// `vocab_size` with `[PAD{i}]`, token types (control for special tokens,
-    /// user-defined for other added tokens), merges, special token ids, `add_bos_token`
-    /// and the chat template.
+    /// The `tokenizer.*` GGUF metadata llama.cpp reads, as its converter writes it.
+    ///
+    /// - Byte-level BPE (Llama 3, SmolLM2, Qwen2, Mistral Nemo): model `gpt2`, the
+    ///   pre-tokenizer name ([`llama_cpp_pre_tokenizer`](Self::llama_cpp_pre_tokenizer)),
+    ///   token types (control for special tokens, user-defined for other added tokens)
+    ///   and the merges.
+    /// - SentencePiece-style BPE (`byte_fallback`: Llama 2, Mistral v0.1–v0.3): model
+    ///   `llama`, pre-tokenizer `default`, one score per token (what SentencePiece
+    ///   gives a piece: minus its rank among the pieces after the unknown, control and
+    ///   `<0xXX>` byte pieces; llama.cpp merges the pair whose result scores highest),
+    ///   token types (unknown, control, byte, normal), no merges, and
+    ///   `add_space_prefix` as the tokenizer's `▁` prefix says.
+    ///
+    /// Both: tokens padded to `vocab_size` with `[PAD{i}]`, special token ids,
+    /// `add_bos_token` and the chat template.
     pub fn gguf_metadata(&self, vocab_size: usize) -> Result<Vec<(String, Value)>, TokenizeError> {
         let doc: Json = serde_json::from_str(&self.inner.to_string(false).map_err(tk_err)?).map_err(tk_err)?;
         let model = &doc["model"];
         let kind = model["type"].as_str().unwrap_or("?");
         if kind != "BPE" {
             return Err(TokenizeError::Tokenizer(format!(
-                "a `{kind}` tokenizer ({}) is not written to GGUF: only byte-level BPE (Llama 3, SmolLM2, Qwen2, Mistral Nemo) is",
+                "a `{kind}` tokenizer ({}) is not written to GGUF: only BPE (byte-level as in Llama 3, SmolLM2 and Qwen2, \
+                 or SentencePiece-style as in Llama 2 and Mistral) is",
                 self.source
             )));
         }
-        if model["byte_fallback"].as_bool() == Some(true) {
-            return Err(TokenizeError::Tokenizer(format!(
-                "{} is a SentencePiece-style BPE (byte_fallback): writing it to GGUF is not supported yet; export to Hugging Face layout",
-                self.source
-            )));
-        }
+        let spm = model["byte_fallback"].as_bool() == Some(true);
+        // transformers 5 leaves the BPE model's `unk_token` out; the special tokens name it.
+        let unk = model["unk_token"].as_str().or(self.special.unk.as_ref().map(|t| t.content.as_str()));
         let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
         let mut types = vec![UNUSED; vocab_size];
         let vocab = model["vocab"].as_object().ok_or_else(|| TokenizeError::Tokenizer(format!("{}: model.vocab is not a map", self.source)))?;
@@ -243,8 +321,12 @@ impl super::Tokenizer {
                 too_big = Some(id);
                 continue;
             }
+            types[id] = match spm {
+                true if Some(t.as_str()) == unk => UNKNOWN,
+                true if is_byte_piece(t) => BYTE,
+                _ => NORMAL,
+            };
             tokens[id] = Some(t.clone());
-            types[id] = NORMAL;
         }
         for a in doc["added_tokens"].as_array().into_iter().flatten() {
             let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
@@ -255,7 +337,11 @@ impl super::Tokenizer {
             }
             let special = a["special"].as_bool().unwrap_or(false);
             tokens[id] = Some(content.to_string());
-            types[id] = if special || looks_special(content) { CONTROL } else { USER_DEFINED };
+            types[id] = match () {
+                _ if spm && Some(content) == unk => UNKNOWN,
+                _ if special || looks_special(content) => CONTROL,
+                _ => USER_DEFINED,
+            };
         }
         if let Some(id) = too_big {
             return Err(TokenizeError::Tokenizer(format!(
@@ -263,28 +349,44 @@ impl super::Tokenizer {
                 self.source
             )));
         }
-        let tokens: Vec<Value> = tokens
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| Value::String(t.unwrap_or_else(|| format!("[PAD{i}]"))))
-            .collect();
-        let merges: Vec<Value> = model["merges"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| match m {
-                Json::String(s) => Value::String(s.clone()),
-                Json::Array(p) => Value::String(p.iter().filter_map(Json::as_str).collect::<Vec<_>>().join(" ")),
-                other => Value::String(other.to_string()),
-            })
-            .collect();
-        let mut md = vec![
-            ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre".to_string(), Value::String(self.llama_cpp_pre_tokenizer()?)),
-            ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
-            ("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())),
-            ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
-        ];
+        let mut md = vec![];
+        if spm {
+            let add_space_prefix = self.sentencepiece_space_prefix(&doc)?;
+            // SentencePiece scores its pieces by rank; the ranked pieces start after the
+            // unknown, control and byte pieces, which score 0 (padding scores -10000, as
+            // llama.cpp's converter pads).
+            let first = types.iter().position(|t| *t == NORMAL).unwrap_or(0);
+            let scores: Vec<Value> = (0..vocab_size)
+                .map(|i| match (types[i], tokens[i].is_some()) {
+                    (_, false) => -10000.0,
+                    (NORMAL, true) => -((i - first) as f32),
+                    _ => 0.0,
+                })
+                .map(Value::F32)
+                .collect();
+            md.push(("tokenizer.ggml.model".to_string(), Value::String("llama".into())));
+            md.push(("tokenizer.ggml.pre".to_string(), Value::String("default".into())));
+            md.push(("tokenizer.ggml.tokens".to_string(), pad_tokens(tokens)));
+            md.push(("tokenizer.ggml.scores".to_string(), Value::Array(scores)));
+            md.push(("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())));
+            md.push(("tokenizer.ggml.add_space_prefix".to_string(), Value::Bool(add_space_prefix)));
+        } else {
+            let merges: Vec<Value> = model["merges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| match m {
+                    Json::String(s) => Value::String(s.clone()),
+                    Json::Array(p) => Value::String(p.iter().filter_map(Json::as_str).collect::<Vec<_>>().join(" ")),
+                    other => Value::String(other.to_string()),
+                })
+                .collect();
+            md.push(("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())));
+            md.push(("tokenizer.ggml.pre".to_string(), Value::String(self.llama_cpp_pre_tokenizer()?)));
+            md.push(("tokenizer.ggml.tokens".to_string(), pad_tokens(tokens)));
+            md.push(("tokenizer.ggml.token_type".to_string(), Value::Array(types.into_iter().map(Value::I32).collect())));
+            md.push(("tokenizer.ggml.merges".to_string(), Value::Array(merges)));
+        }
         for (key, tok) in [("bos", &self.special.bos), ("eos", &self.special.eos), ("unknown", &self.special.unk), ("padding", &self.special.pad)] {
             if let Some(t) = tok {
                 md.push((format!("tokenizer.ggml.{key}_token_id"), Value::U32(t.id)));
@@ -301,6 +403,84 @@ impl super::Tokenizer {
         }
         Ok(md)
     }
+
+    /// Whether a SentencePiece-style tokenizer puts `▁` before its text, the way
+    /// llama.cpp's `add_space_prefix` does: a `Metaspace` pre-tokenizer that does not
+    /// split on spaces, or (older `tokenizer.json` files) a `Prepend("▁")` normalizer.
+    /// Anything else would make llama.cpp cut text differently, so it is an error.
+    fn sentencepiece_space_prefix(&self, doc: &Json) -> Result<bool, TokenizeError> {
+        let refuse = |what: String| {
+            TokenizeError::Tokenizer(format!(
+                "{}: {what}; llama.cpp's SentencePiece tokenizer would cut text differently from this tokenizer, \
+                 so it is not written to GGUF. Export to Hugging Face layout instead",
+                self.source
+            ))
+        };
+        let pre = &doc["pre_tokenizer"];
+        match pre["type"].as_str() {
+            Some("Metaspace") => {
+                if pre["split"].as_bool() == Some(true) {
+                    return Err(refuse("its Metaspace pre-tokenizer splits on spaces".into()));
+                }
+                Ok(pre["prepend_scheme"].as_str() != Some("never") && pre["add_prefix_space"].as_bool() != Some(false))
+            }
+            None => {
+                let norm = &doc["normalizer"];
+                let steps: Vec<&Json> = match norm["type"].as_str() {
+                    Some("Sequence") => norm["normalizers"].as_array().map(|v| v.iter().collect()).unwrap_or_default(),
+                    Some(_) => vec![norm],
+                    None => vec![],
+                };
+                let prepends = steps.iter().any(|n| n["type"] == "Prepend" && n["prepend"] == "▁");
+                let replaces = steps.iter().any(|n| n["type"] == "Replace" && n["pattern"]["String"] == " " && n["content"] == "▁");
+                if !replaces {
+                    return Err(refuse("it does not turn spaces into `▁` (no Metaspace pre-tokenizer or Replace normalizer)".into()));
+                }
+                Ok(prepends)
+            }
+            Some(other) => Err(refuse(format!("its pre-tokenizer is `{other}`"))),
+        }
+    }
+}
+
+/// Token types in `tokenizer.ggml.token_type` that only SentencePiece vocabularies use.
+const UNKNOWN: i32 = 2;
+const BYTE: i32 = 6;
+
+/// A SentencePiece byte piece, `<0x0A>`.
+fn is_byte_piece(t: &str) -> bool {
+    t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && t[3..5].chars().all(|c| c.is_ascii_hexdigit())
+}
+
+fn pad_tokens(tokens: Vec<Option<String>>) -> Value {
+    Value::Array(tokens.into_iter().enumerate().map(|(i, t)| Value::String(t.unwrap_or_else(|| format!("[PAD{i}]")))).collect())
+}
+
+/// The merges a SentencePiece BPE implies, as transformers derives them when it
+/// converts a `tokenizer.model`: every split of a normal piece into two normal
+/// pieces, ordered by the piece's score (highest first), then by the longer left and
+/// right part; equal keys keep the order of the ids.
+fn sentencepiece_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<Json> {
+    let normal = |i: usize| types.get(i).is_none_or(|t| *t == NORMAL);
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().filter(|(i, _)| normal(*i)).map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges = vec![];
+    for (i, piece) in tokens.iter().enumerate().filter(|(i, _)| normal(*i)) {
+        let mut local = vec![];
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(cut);
+            if let (Some(&a), Some(&b)) = (ids.get(l), ids.get(r)) {
+                local.push((a, b, l, r));
+            }
+        }
+        local.sort_by_key(|m| (m.0, m.1));
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        merges.extend(local.into_iter().map(|(_, _, l, r)| (score, l, r)));
+    }
+    merges.sort_by(|x, y| {
+        y.0.total_cmp(&x.0).then_with(|| y.1.chars().count().cmp(&x.1.chars().count())).then_with(|| y.2.chars().count().cmp(&x.2.chars().count()))
+    });
+    merges.into_iter().map(|(_, l, r)| json!([l, r])).collect()
 }
 
 #[cfg(test)]
@@ -376,8 +556,10 @@ mod tests {
     fn unsupported_metadata_says_what_to_do() {
         let err = Tokenizer::from_gguf_content(&content("gpt2", Some("mystery"), false), "toy.gguf").unwrap_err().to_string();
         assert!(err.contains("mystery") && err.contains("smollm") && err.contains("tokenizer.json"), "{err}");
+        let err = Tokenizer::from_gguf_content(&content("bert", None, false), "toy.gguf").unwrap_err().to_string();
+        assert!(err.contains("bert") && err.contains("tokenizer.json"), "{err}");
         let err = Tokenizer::from_gguf_content(&content("llama", None, false), "toy.gguf").unwrap_err().to_string();
-        assert!(err.contains("llama") && err.contains("tokenizer.json"), "{err}");
+        assert!(err.contains("tokenizer.ggml.scores") && err.contains("missing"), "{err}");
         let mut c = content("gpt2", None, false);
         c.metadata.remove("tokenizer.ggml.merges");
         let err = Tokenizer::from_gguf_content(&c, "toy.gguf").unwrap_err().to_string();
@@ -385,5 +567,59 @@ mod tests {
         let mut c = content("gpt2", None, false);
         c.metadata.clear();
         assert!(Tokenizer::from_gguf_content(&c, "toy.gguf").is_err());
+    }
+
+    /// The Llama 2 style tokenizer of the export tests, with its JSON edited by `edit`.
+    fn spm_variant(edit: impl FnOnce(&mut Json)) -> Result<Tokenizer, TokenizeError> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny_spm_tokenizer/tokenizer.json");
+        let mut doc: Json = serde_json::from_str(&std::fs::read_to_string(dir).unwrap()).unwrap();
+        edit(&mut doc);
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("tokenizer.json");
+        std::fs::write(&file, doc.to_string()).unwrap();
+        Tokenizer::from_file(&file)
+    }
+
+    fn space_prefix(tok: &Tokenizer) -> Result<bool, TokenizeError> {
+        let md = tok.gguf_metadata(tok.vocab_size())?;
+        Ok(md.iter().find(|(k, _)| k == "tokenizer.ggml.add_space_prefix").and_then(|(_, v)| v.to_bool().ok()).unwrap())
+    }
+
+    #[test]
+    fn a_sentencepiece_space_prefix_is_read_from_either_tokenizer_json_layout_and_odd_ones_are_refused() {
+        assert!(space_prefix(&spm_variant(|_| {}).unwrap()).unwrap());
+        let never = spm_variant(|d| d["pre_tokenizer"]["prepend_scheme"] = json!("never")).unwrap();
+        assert!(!space_prefix(&never).unwrap());
+        // Llama 2 / Mistral v0.1 checkpoints: no pre-tokenizer, a Prepend + Replace normalizer.
+        let legacy = |prepend: bool| {
+            move |d: &mut Json| {
+                d["pre_tokenizer"] = Json::Null;
+                let mut steps = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})];
+                if prepend {
+                    steps.insert(0, json!({"type": "Prepend", "prepend": "▁"}));
+                }
+                d["normalizer"] = json!({"type": "Sequence", "normalizers": steps});
+            }
+        };
+        let old = spm_variant(legacy(true)).unwrap();
+        assert!(space_prefix(&old).unwrap());
+        assert_eq!(old.encode("Hello world", false).unwrap(), spm_variant(|_| {}).unwrap().encode("Hello world", false).unwrap());
+        assert!(!space_prefix(&spm_variant(legacy(false)).unwrap()).unwrap());
+        let split = spm_variant(|d| d["pre_tokenizer"]["split"] = json!(true)).unwrap();
+        let err = split.gguf_metadata(512).unwrap_err().to_string();
+        assert!(err.contains("splits on spaces") && err.contains("Hugging Face layout"), "{err}");
+        let whitespace = spm_variant(|d| d["pre_tokenizer"] = json!({"type": "Whitespace"})).unwrap();
+        let err = whitespace.gguf_metadata(512).unwrap_err().to_string();
+        assert!(err.contains("`Whitespace`"), "{err}");
+    }
+
+    #[test]
+    fn sentencepiece_merges_follow_the_scores_of_the_pieces_they_make() {
+        let tokens: Vec<String> = ["<unk>", "a", "b", "c", "ab", "bc", "abc"].iter().map(|s| s.to_string()).collect();
+        let types = [UNKNOWN, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, NORMAL];
+        // "bc" outranks "ab"; "abc" splits as a+bc and ab+c, longer left part first.
+        let scores = [0.0, -4.0, -5.0, -6.0, -1.0, -0.0, -2.0];
+        let merges = sentencepiece_merges(&tokens, &scores, &types);
+        assert_eq!(merges, vec![json!(["b", "c"]), json!(["a", "b"]), json!(["ab", "c"]), json!(["a", "bc"])]);
     }
 }

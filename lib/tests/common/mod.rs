@@ -25,3 +25,4 @@ pub fn gguf_path() -> PathBuf {
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     home.join(".cache/tunebook/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
+pub mod formula;
