@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$ROOT"
 step() { printf '\n== %s\n' "$*"; }
 
-step "system packages (mold, lld, unzip, OpenBLAS)"
+step "system packages (mold, lld, unzip, OpenBLAS, MPICH, libclang)"
 missing=()
 command -v mold >/dev/null || missing+=(mold)
 command -v ld.lld >/dev/null || missing+=(lld)
@@ -15,6 +15,10 @@ command -v unzip >/dev/null || missing+=(unzip)
 # OpenBLAS is loaded at run time by the model engine's CPU GEMM (optional: without it
 # the gemm crate is used, about 2x slower).
 [ -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 ] || missing+=(libopenblas0-pthread)
+# MPI for training across processes (`mpirun -n N tunebook train`): MPICH's library,
+# headers and launcher; the `mpi` crate generates its bindings with libclang.
+command -v mpirun >/dev/null && command -v mpicc >/dev/null || missing+=(mpich libmpich-dev)
+compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || missing+=(libclang-dev)
 if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

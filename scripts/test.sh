@@ -11,6 +11,8 @@ printf '\n== cargo test (library)\n'
 export TUNEBOOK_REQUIRE_SMOLLM2=1
 # ... and so was node-llama-cpp: GGUF exports are checked in llama.cpp itself.
 export TUNEBOOK_REQUIRE_LLAMACPP=1
+# ... and so was MPICH: training across processes runs under a real mpirun.
+export TUNEBOOK_REQUIRE_MPI=1
 cargo_ test -p tunebook
 printf '\n== cargo test (kernel)\n'
 cargo_ test -p tunebook-kernel

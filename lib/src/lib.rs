@@ -8,6 +8,7 @@
 
 pub mod data;
 pub mod display;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod files;

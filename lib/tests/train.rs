@@ -1,81 +1,17 @@
 //! Fine-tuning runs end to end on a tiny randomly initialised model: in process,
 //! through the CLI worker, killed with SIGKILL and resumed, cancelled, stopped by NaN.
 
+mod common;
+
 use anyhow::Result;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tunebook::model::{LlamaConfig, write_tiny_model};
 use tunebook::data::Task;
 use tunebook::train::{FineTune, Run, Status, TrainConfig};
 
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
-}
-
-/// One temporary home for every test in this binary: runs go to `$TUNEBOOK_RUNS`.
-fn home() -> &'static Path {
-    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
-    HOME.get_or_init(|| {
-        let d = tempfile::tempdir().unwrap();
-        // SAFETY: set once, before any test reads it (every test calls home() first).
-        unsafe {
-            std::env::set_var("TUNEBOOK_RUNS", d.path().join("runs"));
-            std::env::set_var("TUNEBOOK_BIN", env!("CARGO_BIN_EXE_tunebook"));
-            std::env::remove_var("MLFLOW_TRACKING_URI");
-        }
-        d
-    })
-    .path()
-}
-
-fn tiny_config() -> LlamaConfig {
-    LlamaConfig { vocab_size: 705, bos_token_id: Some(0), eos_token_ids: vec![4], ..LlamaConfig::tiny() }
-}
-
-/// A tiny chat model (random weights, the tiny tokenizer) in `dir`.
-fn tiny_model(dir: &Path, seed: u64) -> Result<tunebook::model::LlamaModel> {
-    let m = write_tiny_model(dir, tiny_config(), seed)?;
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(data_dir().join("tiny_tokenizer").join(f), dir.join(f))?;
-    }
-    Ok(m)
-}
-
-/// `n` short conversations: the assistant repeats a colour named by the user.
-fn chat_data(path: &Path, n: usize) -> Result<()> {
-    let colours = ["red", "green", "blue", "white", "black"];
-    let mut out = String::new();
-    for i in 0..n {
-        let c = colours[i % colours.len()];
-        let row = serde_json::json!({"messages": [
-            {"role": "user", "content": format!("say {c} {i}")},
-            {"role": "assistant", "content": format!("{c} {c} {c}")},
-        ]});
-        out.push_str(&row.to_string());
-        out.push('\n');
-    }
-    std::fs::write(path, out)?;
-    Ok(())
-}
-
-struct Fixture {
-    _dir: tempfile::TempDir,
-    model: PathBuf,
-    data: PathBuf,
-}
-
-fn fixture(rows: usize) -> Result<Fixture> {
-    home();
-    let dir = tempfile::tempdir()?;
-    let model = dir.path().join("model");
-    tiny_model(&model, 7)?;
-    let data = dir.path().join("train.jsonl");
-    chat_data(&data, rows)?;
-    Ok(Fixture { _dir: dir, model, data })
-}
+use common::{Fixture, fixture};
 
 fn losses(run: &Run) -> Vec<(i64, f64)> {
     run.metric("loss/train/total").unwrap()
@@ -253,10 +189,10 @@ fn cancel_checkpoints_then_stops_and_the_run_can_continue() -> Result<()> {
 
 #[test]
 fn nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() -> Result<()> {
-    home();
+    common::runs_home();
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
-    let mut model = tiny_model(&model_dir, 11)?;
+    let mut model = common::tiny_chat_model(&model_dir, 11)?;
     // Corrupt the embedding of one token that only the last of 30 examples uses:
     // the loss is finite until a batch holds that example.
     let data = dir.path().join("train.jsonl");

@@ -118,8 +118,15 @@ pub struct TrainConfig {
     pub lora: Option<Lora>,
     /// Windows per micro-batch.
     pub batch_size: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step, across all ranks: `batch_size × grad_accum`
+    /// is the global batch whatever the number of processes (each of N ranks runs
+    /// `grad_accum / N` of them).
     pub grad_accum: usize,
+    /// ZeRO stage: 0 keeps the whole optimizer state on every rank; 1 shards AdamW's
+    /// moments across ranks (each keeps and updates its share, then the updated weights
+    /// are gathered), for full fine-tuning on several processes. Same results either way.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub zero_stage: u8,
     /// Linear warmup steps (wins over `warmup_ratio` when both are set).
     pub warmup_steps: Option<usize>,
     /// Warmup as a share of all steps.
@@ -182,6 +189,7 @@ impl Default for TrainConfig {
             lora: None,
             batch_size: 4,
             grad_accum: 1,
+            zero_stage: 0,
             warmup_steps: None,
             warmup_ratio: 0.0,
             schedule: Schedule::Cosine,
@@ -254,6 +262,12 @@ impl TrainConfig {
         }
         if self.grad_accum == 0 {
             bail!("grad_accum must be at least 1");
+        }
+        if self.zero_stage > 1 {
+            bail!(
+                "zero_stage = {}: stages 2 and 3 (sharded gradients, sharded weights) are not implemented; use 1 (sharded optimizer state) or 0",
+                self.zero_stage
+            );
         }
         if let Some(c) = self.context_length {
             if c < 8 {
@@ -390,4 +404,8 @@ mod tests {
             assert!(e.contains(want), "expected {want:?} in {e:?}");
         }
     }
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }

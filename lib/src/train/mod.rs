@@ -32,6 +32,8 @@ pub use run::{Run, RunSummary};
 pub use trainer::{EvalMetrics, TrainSummary, Trainer, TrainerState};
 
 use crate::data::Dataset;
+use crate::dist::Dist;
+use std::sync::Arc;
 use crate::runs::{EventLog, TrackingFile};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -434,13 +436,18 @@ extern "C" fn on_sigterm(_: libc::c_int) {
 }
 
 /// The worker's entry point (`tunebook train --run-dir DIR`): runs or resumes the
-/// run in `dir`, keeping `status.json` true, and prints one line per step.
-pub fn run_worker(dir: &Path) -> Result<Status> {
+/// run in `dir` as one rank of `dist`, keeping `status.json` true, and prints one
+/// line per step (rank 0).
+pub fn run_worker(dir: &Path, dist: Arc<Dist>) -> Result<Status> {
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t);
     }
-    let summary = run_in_process(dir, |p| {
+    let leader = dist.is_leader();
+    let summary = run_in_process_on(dir, dist, |p| {
+        if !leader {
+            return;
+        }
         println!(
             "step {}/{} loss {:.4} lr {:.3e} {:.0} tok/s eta {}",
             p.step,
@@ -456,8 +463,18 @@ pub fn run_worker(dir: &Path) -> Result<Status> {
 
 /// Runs or resumes the run in `dir` in this process, keeping `status.json` true.
 pub fn run_in_process(dir: &Path, on_step: impl FnMut(&Progress)) -> Result<TrainSummary> {
-    let files = RunFiles::new(dir);
+    run_in_process_on(dir, Arc::new(Dist::single()), on_step)
+}
+
+/// [`run_in_process`] as one rank of `dist`: every rank trains; rank 0 alone keeps
+/// `status.json`, the event log, the metrics and the tracker.
+pub fn run_in_process_on(dir: &Path, dist: Arc<Dist>, on_step: impl FnMut(&Progress)) -> Result<TrainSummary> {
     let cfg = TrainConfig::from_toml_file(dir.join("config.toml"))?;
+    if !dist.is_leader() {
+        let tracker = crate::track::tracker_for(None)?;
+        return Trainer::new_on(cfg, dir, tracker, dist)?.run(on_step);
+    }
+    let files = RunFiles::new(dir);
     // Under the status lock: a cancel that came before this worker started is
     // honoured (the run stays STOPPED), otherwise the run is RUNNING from here on.
     let cancelled_before_start = files.update_status(|st| {
@@ -478,7 +495,7 @@ pub fn run_in_process(dir: &Path, on_step: impl FnMut(&Progress)) -> Result<Trai
     }
     let result = (|| {
         let tracker = crate::track::tracker_for(cfg.tracking_uri.as_deref())?;
-        let mut t = Trainer::new(cfg.clone(), dir, tracker)?;
+        let mut t = Trainer::new_on(cfg.clone(), dir, tracker, dist)?;
         t.run(on_step)
     })();
     match &result {

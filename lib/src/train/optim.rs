@@ -6,6 +6,11 @@
 //! On the CPU the update is one in-place pass over each parameter (a candle
 //! `InplaceOp2`), with the moments kept as plain `Vec<f32>`; elsewhere it is
 //! composed from tensor ops.
+//!
+//! Sharded ([`AdamW::shard`], ZeRO stage 1): each of N ranks owns a contiguous
+//! share of the parameters, keeps the moments of those only and updates only them;
+//! the trainer then gathers the updated weights. AdamW is element-wise, so the
+//! result equals the unsharded update given the same summed gradients.
 
 use super::config::Schedule;
 use crate::model::TensorData;
@@ -31,6 +36,8 @@ pub struct AdamWConfig {
 enum Moments {
     Cpu(Vec<f32>, Vec<f32>),
     Device(Tensor, Tensor),
+    /// Another rank owns this parameter's moments and update (sharded optimizer).
+    Elsewhere,
 }
 
 struct Param {
@@ -88,6 +95,65 @@ impl AdamW {
         self.params.iter().map(|p| p.var.elem_count()).sum()
     }
 
+    /// Shards the optimizer over `world` ranks as rank `rank` (ZeRO stage 1): the
+    /// parameters are cut into `world` contiguous runs of about equal size (a
+    /// parameter goes to the rank its middle value falls in); this rank keeps the
+    /// moments of its own only. Returns each parameter's owner.
+    pub fn shard(&mut self, rank: usize, world: usize) -> Vec<usize> {
+        let total = self.num_values().max(1);
+        let mut before = 0usize;
+        let mut owners = Vec::with_capacity(self.params.len());
+        for p in &mut self.params {
+            let n = p.var.elem_count();
+            let owner = (((before + n / 2) as u128 * world as u128) / total as u128).min(world as u128 - 1) as usize;
+            before += n;
+            if owner != rank {
+                p.moments = Moments::Elsewhere;
+            }
+            owners.push(owner);
+        }
+        owners
+    }
+
+    /// Values whose moments this rank keeps (all, unless sharded).
+    pub fn owned_values(&self) -> usize {
+        self.params.iter().filter(|p| !matches!(p.moments, Moments::Elsewhere)).map(|p| p.var.elem_count()).sum()
+    }
+
+    /// Both moments of every parameter in one buffer (`exp_avg` then `exp_avg_sq`,
+    /// parameter after parameter), zeros for the parameters another rank owns: summed
+    /// across ranks, it is the whole optimizer state.
+    pub fn moments_flat(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(2 * self.num_values());
+        for p in &self.params {
+            match &p.moments {
+                Moments::Cpu(m, v) => {
+                    out.extend_from_slice(m);
+                    out.extend_from_slice(v);
+                }
+                Moments::Device(m, v) => {
+                    out.extend(m.flatten_all()?.to_vec1::<f32>()?);
+                    out.extend(v.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Moments::Elsewhere => out.resize(out.len() + 2 * p.var.elem_count(), 0.0),
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`AdamW::state_data`] from a whole-state buffer laid out as [`AdamW::moments_flat`].
+    pub fn state_data_from<'a>(&self, flat: &'a [f32]) -> Vec<(String, TensorData<'a>)> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        for p in &self.params {
+            let n = p.var.elem_count();
+            out.push((format!("{}.exp_avg", p.name), TensorData::F32(&flat[off..off + n], p.var.dims().to_vec())));
+            out.push((format!("{}.exp_avg_sq", p.name), TensorData::F32(&flat[off + n..off + 2 * n], p.var.dims().to_vec())));
+            off += 2 * n;
+        }
+        out
+    }
+
     /// The L2 norm of all gradients together (`grads[i]` belongs to parameter `i`;
     /// a missing gradient counts as zero).
     pub fn grad_norm(&self, grads: &[Option<Tensor>]) -> Result<f64> {
@@ -120,6 +186,9 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(t);
         for (p, g) in self.params.iter_mut().zip(grads) {
             let Some(g) = g else { continue };
+            if matches!(p.moments, Moments::Elsewhere) {
+                continue;
+            }
             let wd = if p.decay { c.weight_decay } else { 0.0 };
             match &mut p.moments {
                 Moments::Cpu(m, v) => {
@@ -151,6 +220,7 @@ impl AdamW {
                     let upd = ((&*m / denom)? * (lr / bc1))?;
                     p.var.set(&(theta - upd)?.detach())?;
                 }
+                Moments::Elsewhere => {}
             }
         }
         Ok(())
@@ -158,13 +228,15 @@ impl AdamW {
 
     /// The moments as named entries (`NAME.exp_avg`, `NAME.exp_avg_sq`) for a checkpoint's
     /// `optimizer.safetensors`; CPU moments are borrowed, not copied (for full fine-tuning
-    /// they are twice the model's size).
+    /// they are twice the model's size). A sharded optimizer has only its own: use
+    /// [`AdamW::state_data_from`] with the gathered state instead.
     pub fn state_data(&self) -> Vec<(String, TensorData<'_>)> {
         let mut out = Vec::new();
         for p in &self.params {
             let (m, v) = match &p.moments {
                 Moments::Cpu(m, v) => (TensorData::F32(m, p.var.dims().to_vec()), TensorData::F32(v, p.var.dims().to_vec())),
                 Moments::Device(m, v) => (TensorData::Tensor(m.clone()), TensorData::Tensor(v.clone())),
+                Moments::Elsewhere => continue,
             };
             out.push((format!("{}.exp_avg", p.name), m));
             out.push((format!("{}.exp_avg_sq", p.name), v));
@@ -189,6 +261,7 @@ impl AdamW {
             p.moments = match &p.moments {
                 Moments::Cpu(..) => Moments::Cpu(m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?),
                 Moments::Device(..) => Moments::Device(m.to_device(p.var.device())?, v.to_device(p.var.device())?),
+                Moments::Elsewhere => Moments::Elsewhere,
             };
         }
         self.step = steps;

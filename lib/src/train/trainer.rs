@@ -2,16 +2,26 @@
 //! evaluation, eval-prompt generations, checkpoints and exact resume.
 //!
 //! Determinism: the order of windows in epoch `e` is a permutation seeded by
-//! `(seed, e)`, and the dropout generator is re-seeded from `(seed, step)`
-//! before every step, so the batches, learning rates and (on the CPU) losses of
-//! a resumed run equal those of an uninterrupted one. A checkpoint therefore
-//! only needs the weights, the optimizer moments and the step.
+//! `(seed, e)`, and the dropout generator is re-seeded from `(seed, step,
+//! micro-batch)` before every micro-batch, so the batches, learning rates and (on
+//! the CPU) losses of a resumed run equal those of an uninterrupted one. A
+//! checkpoint therefore only needs the weights, the optimizer moments and the step.
+//!
+//! Data parallelism ([`Dist`]): `batch_size × grad_accum` is the global batch of a
+//! step whatever the number of ranks. Rank `r` of `N` runs the step's micro-batches
+//! `r, r+N, …`; the gradients (each micro-batch weighted by its share of the step's
+//! target tokens, as in one process) and the loss are summed across ranks before
+//! clipping and the optimizer step, which every rank then takes identically. So N
+//! ranks follow the same data order, schedule and (up to summation order) losses as
+//! one process, and a checkpoint resumes with any number of ranks. Rank 0 alone
+//! writes the run directory; the others keep their logs in a scratch directory.
 
 use super::config::{Duration, Precision, TrainConfig};
 use super::optim::{AdamW, AdamWConfig, learning_rate};
 use crate::files::{IfExists, StagedDir};
 use crate::runs::{EventKind, EventLog, Progress, RunFiles, Status};
 use crate::data::{Dataset, PackOptions, PrepareOptions, Window};
+use crate::dist::Dist;
 use crate::model::{GenerationConfig, LlamaModel, Lora, Model, Packing, ops, resolve_model};
 use crate::tokenize::{Message, Tokenizer};
 use crate::track::{MetricRecord, MetricWal, RunContext, RunOutcome, Tracker, metric_names};
@@ -20,6 +30,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::model::ops::profile;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -162,6 +173,12 @@ pub struct Trainer {
     /// bf16 full fine-tuning: the f32 master weights the optimizer updates; the model
     /// computes with bf16 casts of them, refreshed before every step.
     masters: Option<Vec<(String, candle_core::Var)>>,
+    /// The ranks training this run together (one process by default).
+    dist: Arc<Dist>,
+    /// Under ZeRO-1, the rank that owns each optimizer parameter.
+    owners: Option<Vec<usize>>,
+    /// Where a rank other than 0 keeps its own logs; removed at the end.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 /// The compute device a configuration asks for.
@@ -305,7 +322,8 @@ fn build_optimizer(
     lora: bool,
     resume: Option<&ResumePoint>,
     device: &Device,
-) -> Result<(LlamaModel, AdamW, Option<Vec<(String, candle_core::Var)>>)> {
+    dist: &Dist,
+) -> Result<(LlamaModel, AdamW, Option<Vec<(String, candle_core::Var)>>, Option<Vec<usize>>)> {
     let vars = llama.trainable_vars()?;
     if vars.is_empty() {
         bail!("nothing to train: the model has no trainable parameter");
@@ -326,12 +344,13 @@ fn build_optimizer(
         masters.clone().unwrap_or(vars),
         AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_eps, weight_decay: cfg.weight_decay },
     )?;
+    let owners = (cfg.zero_stage == 1 && dist.world() > 1).then(|| opt.shard(dist.rank(), dist.world()));
     if let Some(r) = resume {
         let p = r.dir.join("optimizer.safetensors");
         let t = candle_core::safetensors::load(&p, device).with_context(|| format!("reading {}", p.display()))?;
         opt.load_state(t.into_iter().collect(), r.state.step as u64)?;
     }
-    Ok((llama, opt, masters))
+    Ok((llama, opt, masters, owners))
 }
 
 impl Trainer {
@@ -341,10 +360,35 @@ impl Trainer {
     /// most common thing to get wrong, and cheap to check), the model, the packed
     /// windows, the resume point, the adapters, the optimizer.
     pub fn new(cfg: TrainConfig, run_dir: &Path, tracker: Box<dyn Tracker>) -> Result<Self> {
+        Self::new_on(cfg, run_dir, tracker, Arc::new(Dist::single()))
+    }
+
+    /// [`Trainer::new`] as one rank of `dist`. Every rank reads the run directory
+    /// (config, checkpoint to resume from); only rank 0 writes it.
+    pub fn new_on(cfg: TrainConfig, run_dir: &Path, tracker: Box<dyn Tracker>, dist: Arc<Dist>) -> Result<Self> {
         cfg.validate()?;
-        let files = RunFiles::new(run_dir);
+        if cfg.grad_accum < dist.world() {
+            bail!(
+                "grad_accum = {} gives {} micro-batches per step, fewer than the {} ranks: set grad_accum to a multiple of {} \
+                 (each rank then runs grad_accum / {} micro-batches of batch_size per step; batch_size × grad_accum is the global batch)",
+                cfg.grad_accum,
+                cfg.grad_accum,
+                dist.world(),
+                dist.world(),
+                dist.world()
+            );
+        }
+        let run_files = RunFiles::new(run_dir);
+        let scratch = match dist.is_leader() {
+            true => None,
+            false => Some(tempfile::Builder::new().prefix(&format!("tunebook-rank{}-", dist.rank())).tempdir()?),
+        };
+        let files = match &scratch {
+            Some(t) => RunFiles::new(t.path()),
+            None => run_files.clone(),
+        };
         std::fs::create_dir_all(files.checkpoints_dir())
-            .with_context(|| format!("cannot create the run directory {}", run_dir.display()))?;
+            .with_context(|| format!("cannot create the run directory {}", files.dir().display()))?;
         let mut events = EventLog::open(&files)?;
         let device = select_device(&cfg.device)?;
 
@@ -374,14 +418,14 @@ impl Trainer {
         }
         let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total_steps as f64).round() as usize);
 
-        let resume = ResumePoint::find(&files, &cfg)?;
+        let resume = ResumePoint::find(&run_files, &cfg)?;
         let state = match &resume {
             Some(r) => r.state.clone(),
             None => TrainerState { step: 0, total_steps, tokens_seen: 0, loss: f64::NAN, config_digest: config_digest(&cfg) },
         };
         let llama = attach_trainables(model.llama, lora.as_ref(), resume.as_ref(), &device)?;
-        let (llama, opt, masters) = build_optimizer(llama, &cfg, lora.is_some(), resume.as_ref(), &device)?;
-        let wal = MetricWal::open(run_dir)?;
+        let (llama, opt, masters, owners) = build_optimizer(llama, &cfg, lora.is_some(), resume.as_ref(), &device, &dist)?;
+        let wal = MetricWal::open(files.dir())?;
         match &resume {
             Some(r) => events.push(EventKind::Resumed, format!("resumed from {} (step {})", r.dir.display(), state.step))?,
             None => events.push(
@@ -395,6 +439,26 @@ impl Trainer {
         }
         if cfg.precision == Precision::Bf16 {
             events.push(EventKind::Precision, "bf16 compute with f32 master weights")?;
+        }
+        if owners.is_some() {
+            events.push(
+                EventKind::Started,
+                format!(
+                    "optimizer state sharded over {} ranks (ZeRO-1): rank {} keeps the moments of {} of {} values ({:.1} MB)",
+                    dist.world(),
+                    dist.rank(),
+                    opt.owned_values(),
+                    opt.num_values(),
+                    opt.owned_values() as f64 * 8.0 / 1e6
+                ),
+            )?;
+        }
+        if dist.world() > 1 {
+            let peers: Vec<String> = dist.peers().iter().map(|p| p.to_string()).collect();
+            events.push(
+                EventKind::Started,
+                format!("{} ranks ({}, {} backend): {}", dist.world(), dist.launch().launcher, dist.backend(), peers.join(", ")),
+            )?;
         }
         let base_name = cfg.model.clone();
         let mut trainer = Trainer {
@@ -417,6 +481,9 @@ impl Trainer {
             tracker,
             device,
             masters,
+            dist,
+            owners,
+            _scratch: scratch,
         };
         trainer.refresh_compute_weights()?;
         Ok(trainer)
@@ -505,7 +572,7 @@ impl Trainer {
         let _ = self.wal.sync();
         let mut result = result;
         if let Ok(summary) = &mut result {
-            if let (Status::Completed, Some(dir)) = (status, summary.model_dir.clone()) {
+            if let (Status::Completed, Some(dir), true) = (status, summary.model_dir.clone(), self.dist.is_leader()) {
                 summary.registered = super::publish::publish_run(&self.files, &self.cfg, self.tracker.as_mut(), &mut self.events, &dir);
             }
         }
@@ -521,7 +588,7 @@ impl Trainer {
         let first_step = self.state.step;
         let lr_peak = self.cfg.peak_lr();
         while self.state.step < self.total_steps {
-            if CANCEL.load(Ordering::SeqCst) || self.files.cancel_requested() || crate::interrupt::requested() {
+            if self.cancel_agreed()? {
                 self.checkpoint()?;
                 self.events.push(EventKind::Cancelled, format!("stopped at step {} on request; checkpoint written", self.state.step))?;
                 // Handled: a later resume must not read it as a cancel before its start.
@@ -567,7 +634,7 @@ impl Trainer {
             self.files.write_progress(&progress)?;
             on_step(&progress);
             let last = self.state.step == self.total_steps;
-            if !self.eval.is_empty() && ((self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0) || last) {
+            if !self.eval.is_empty() && self.dist.is_leader() && ((self.cfg.eval_every > 0 && self.state.step % self.cfg.eval_every == 0) || last) {
                 let m = self.evaluate()?;
                 self.log(&[
                     MetricRecord::now(metric_names::EVAL_LOSS, m.cross_entropy, s),
@@ -593,6 +660,7 @@ impl Trainer {
         self.upload_checkpoint(&dir);
         self.eval_prompts()?;
         let model_dir = self.save_model()?;
+        self.dist.barrier("the end of the run (rank 0 writes the model)")?;
         self.events.push(EventKind::Completed, format!("trained {} steps; model in {}", self.state.step, model_dir.display()))?;
         Ok(TrainSummary { steps: self.state.step, losses, eval: last_eval, model_dir: Some(model_dir), registered: None, status: Status::Completed })
     }
@@ -601,30 +669,30 @@ impl Trainer {
     /// (each weighted by its share of the step's target tokens), clipping,
     /// NaN check, update. Returns (loss, gradient norm before clipping, window tokens).
     fn train_step(&mut self, step: usize, lr: f64) -> Result<(f64, f64, usize)> {
-        ops::lora_linear::set_dropout_seed(dropout_seed(self.cfg.seed, step));
         let batches: Vec<Vec<Window>> = self.step_batches(step).into_iter().map(|b| b.into_iter().cloned().collect()).collect();
         let targets: Vec<usize> = batches.iter().map(|b| b.iter().map(|w| w.labels().iter().filter(|&&l| l >= 0).count()).sum()).collect();
         let total_targets: usize = targets.iter().sum();
         if total_targets == 0 {
             bail!("step {}: its windows hold no target token", step + 1);
         }
+        let tokens = batches.iter().zip(&targets).filter(|(_, n)| **n > 0).map(|(b, _)| b.len() * self.context_length).sum();
         let vars: Vec<candle_core::Var> = self.opt.vars().map(|(_, v)| v.clone()).collect();
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut loss_sum = 0f64;
-        let mut tokens = 0usize;
-        for (batch, &n) in batches.iter().zip(&targets) {
-            if n == 0 {
+        let (rank, world) = (self.dist.rank(), self.dist.world());
+        for (j, (batch, &n)) in batches.iter().zip(&targets).enumerate() {
+            if n == 0 || j % world != rank {
                 continue;
             }
+            ops::lora_linear::set_dropout_seed(dropout_seed(self.cfg.seed, step).wrapping_add((j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             let (ids, labels, packing) = batch_tensors(batch, &self.device)?;
-            tokens += batch.len() * self.context_length;
             let fwd = profile::timer("step: forward");
             let tape = self.model.loss_tape(&ids, &labels, &packing, true)?;
             drop(fwd);
             let w = n as f64 / total_targets as f64;
             let lv = tape.loss().to_dtype(DType::F64)?.to_scalar::<f64>()?;
             loss_sum += lv * w;
-            if !lv.is_finite() {
+            if !lv.is_finite() && world == 1 {
                 return self.non_finite(step, "loss", lv);
             }
             let bwd = profile::timer("step: backward");
@@ -640,6 +708,16 @@ impl Trainer {
                 }
             }
         }
+        if world > 1 {
+            let _red = profile::timer("step: all-reduce");
+            let mut loss = [loss_sum];
+            self.dist.all_reduce_f64(&mut loss, &format!("the loss all-reduce of step {}", step + 1))?;
+            loss_sum = loss[0];
+            self.all_reduce_grads(&mut acc, &vars, step)?;
+            if !loss_sum.is_finite() {
+                return self.non_finite(step, "loss", loss_sum);
+            }
+        }
         let upd = profile::timer("step: clip + AdamW");
         let norm = self.opt.grad_norm(&acc)?;
         if !norm.is_finite() {
@@ -650,6 +728,10 @@ impl Trainer {
             _ => 1.0,
         };
         self.opt.step(&acc, lr, scale)?;
+        if self.owners.is_some() {
+            let _g = profile::timer("step: gather weights");
+            self.gather_updated_weights(step)?;
+        }
         self.refresh_compute_weights()?;
         drop(upd);
         if profile::enabled() {
@@ -658,6 +740,71 @@ impl Trainer {
             }
         }
         Ok((loss_sum, norm, tokens))
+    }
+
+    /// Sums every rank's accumulated gradients, in one flat `f32` buffer (a missing
+    /// gradient counts as zeros; it stays missing only if it is missing on every rank).
+    fn all_reduce_grads(&self, acc: &mut [Option<Tensor>], vars: &[candle_core::Var], step: usize) -> Result<()> {
+        let total: usize = vars.iter().map(|v| v.as_tensor().elem_count()).sum();
+        let mut flat: Vec<f32> = Vec::with_capacity(total + vars.len());
+        for (slot, v) in acc.iter().zip(vars) {
+            match slot {
+                Some(g) => flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => flat.resize(flat.len() + v.as_tensor().elem_count(), 0.0),
+            }
+        }
+        flat.extend(acc.iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
+        self.dist.all_reduce_f32(&mut flat, &format!("the gradient all-reduce of step {}", step + 1))?;
+        let (values, present) = flat.split_at(total);
+        let mut off = 0;
+        for ((slot, v), p) in acc.iter_mut().zip(vars).zip(present) {
+            let t = v.as_tensor();
+            let n = t.elem_count();
+            *slot = match *p > 0.0 {
+                true => Some(Tensor::from_slice(&values[off..off + n], t.dims(), t.device())?.to_dtype(t.dtype())?),
+                false => None,
+            };
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// ZeRO-1: every rank updated only the parameters it owns; one sum across ranks
+    /// (zeros where a rank does not own) gives every rank all the updated weights.
+    fn gather_updated_weights(&self, step: usize) -> Result<()> {
+        let Some(owners) = &self.owners else { return Ok(()) };
+        let me = self.dist.rank();
+        let vars: Vec<candle_core::Var> = self.opt.vars().map(|(_, v)| v.clone()).collect();
+        let total: usize = vars.iter().map(|v| v.elem_count()).sum();
+        let mut flat = Vec::with_capacity(total);
+        for (v, &o) in vars.iter().zip(owners) {
+            match o == me {
+                true => flat.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?),
+                false => flat.resize(flat.len() + v.elem_count(), 0.0),
+            }
+        }
+        self.dist.all_reduce_f32(&mut flat, &format!("the weight gather of step {}", step + 1))?;
+        let mut off = 0;
+        for (v, &o) in vars.iter().zip(owners) {
+            let n = v.elem_count();
+            if o != me {
+                v.set(&Tensor::from_slice(&flat[off..off + n], v.dims(), v.device())?)?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Whether to stop now: a cancel request, SIGTERM or an interrupt on any rank
+    /// stops them all at the same step.
+    fn cancel_agreed(&self) -> Result<bool> {
+        let here = CANCEL.load(Ordering::SeqCst) || self.files.cancel_requested() || crate::interrupt::requested();
+        if self.dist.world() == 1 {
+            return Ok(here);
+        }
+        let mut flag = [here as u8 as f64];
+        self.dist.all_reduce_f64(&mut flag, &format!("the stop check before step {}", self.state.step + 1))?;
+        Ok(flag[0] > 0.0)
     }
 
     fn non_finite<T>(&mut self, step: usize, what: &str, value: f64) -> Result<T> {
@@ -717,7 +864,7 @@ impl Trainer {
     /// Answers the eval prompts with the current weights (greedy) and appends the
     /// generations to `eval_generations.jsonl`.
     fn eval_prompts(&mut self) -> Result<()> {
-        if self.cfg.eval_prompts.is_empty() {
+        if self.cfg.eval_prompts.is_empty() || !self.dist.is_leader() {
             return Ok(());
         }
         let m = self.inference_model();
@@ -743,12 +890,29 @@ impl Trainer {
     /// state) atomically, then drops the oldest beyond `keep_checkpoints`.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         let dir = self.files.checkpoint_dir(self.state.step);
+        // A sharded optimizer's state is gathered (every rank takes part) so that the
+        // checkpoint holds all of it and resumes with any number of ranks.
+        let gathered = match self.owners.is_some() {
+            true => {
+                let mut flat = self.opt.moments_flat()?;
+                self.dist.all_reduce_f32(&mut flat, &format!("the optimizer-state gather for the checkpoint of step {}", self.state.step))?;
+                Some(flat)
+            }
+            false => None,
+        };
+        if !self.dist.is_leader() {
+            return Ok(dir);
+        }
         if dir.is_dir() {
             return Ok(dir);
         }
         let stage = StagedDir::new(&dir)?;
         self.save_weights(stage.path())?;
-        crate::model::write_safetensors_data(&stage.path().join("optimizer.safetensors"), self.opt.state_data())?;
+        let opt_state = match &gathered {
+            Some(flat) => self.opt.state_data_from(flat),
+            None => self.opt.state_data(),
+        };
+        crate::model::write_safetensors_data(&stage.path().join("optimizer.safetensors"), opt_state)?;
         // Everything a resume needs is a function of the step and the config; the
         // derived positions are written out so a reader need not recompute them.
         let step = self.state.step;
@@ -781,7 +945,7 @@ impl Trainer {
     }
 
     fn upload_checkpoint(&mut self, dir: &Path) {
-        if self.cfg.log_checkpoints {
+        if self.cfg.log_checkpoints && self.dist.is_leader() {
             let dest = format!("checkpoints/{}", dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
             let r = self.tracker.log_artifact(dir, &dest);
             self.tracker_call("checkpoint upload", r);
@@ -798,6 +962,9 @@ impl Trainer {
     /// Writes the trained model to `<run dir>/model` in Hugging Face layout (the
     /// adapter and a reference to its base, or full weights) with the tokenizer files.
     pub fn save_model(&self) -> Result<PathBuf> {
+        if !self.dist.is_leader() {
+            return Ok(self.files.dir().join("model"));
+        }
         let stage = StagedDir::new(self.files.dir().join("model"))?;
         self.save_weights(stage.path())?;
         self.tokenizer.save_hf_files(stage.path())?;
@@ -901,6 +1068,8 @@ pub fn config_digest(cfg: &TrainConfig) -> String {
     c.keep_checkpoints = 1;
     c.eval_every = 0;
     c.device.clear();
+    // How the optimizer state is spread over ranks changes no result.
+    c.zero_stage = 0;
     let text = serde_json::to_string(&c).unwrap_or_default();
     // FNV-1a: stable across builds and platforms.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
