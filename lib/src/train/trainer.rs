@@ -709,6 +709,11 @@ impl Trainer {
             }
         }
         if world > 1 {
+            if profile::enabled() {
+                // Profiling only: separates waiting for the slower rank from the transfer.
+                let _w = profile::timer("step: wait for ranks");
+                self.dist.barrier(&format!("the profiling barrier of step {}", step + 1))?;
+            }
             let _red = profile::timer("step: all-reduce");
             let mut loss = [loss_sum];
             self.dist.all_reduce_f64(&mut loss, &format!("the loss all-reduce of step {}", step + 1))?;
@@ -746,6 +751,7 @@ impl Trainer {
     /// gradient counts as zeros; it stays missing only if it is missing on every rank).
     fn all_reduce_grads(&self, acc: &mut [Option<Tensor>], vars: &[candle_core::Var], step: usize) -> Result<()> {
         let total: usize = vars.iter().map(|v| v.as_tensor().elem_count()).sum();
+        let flatten = profile::timer("step: all-reduce: flatten");
         let mut flat: Vec<f32> = Vec::with_capacity(total + vars.len());
         for (slot, v) in acc.iter().zip(vars) {
             match slot {
@@ -754,7 +760,11 @@ impl Trainer {
             }
         }
         flat.extend(acc.iter().map(|g| if g.is_some() { 1f32 } else { 0.0 }));
+        drop(flatten);
+        let transfer = profile::timer("step: all-reduce: transfer");
         self.dist.all_reduce_f32(&mut flat, &format!("the gradient all-reduce of step {}", step + 1))?;
+        drop(transfer);
+        let _unflatten = profile::timer("step: all-reduce: unflatten");
         let (values, present) = flat.split_at(total);
         let mut off = 0;
         for ((slot, v), p) in acc.iter_mut().zip(vars).zip(present) {
