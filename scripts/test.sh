@@ -13,6 +13,8 @@ export TUNEBOOK_REQUIRE_SMOLLM2=1
 export TUNEBOOK_REQUIRE_LLAMACPP=1
 # ... and so was MPICH: training across processes runs under a real mpirun.
 export TUNEBOOK_REQUIRE_MPI=1
+# ... and SeaweedFS (`weed`, in the venv): Delta tables on S3 are tested against it.
+export TUNEBOOK_REQUIRE_S3=1
 cargo_ test -p tunebook
 printf '\n== cargo test (kernel)\n'
 cargo_ test -p tunebook-kernel

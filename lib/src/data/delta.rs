@@ -71,8 +71,46 @@ fn delta_err(path: &str) -> impl Fn(DeltaTableError) -> DataError + '_ {
     }
 }
 
+/// URL schemes of the object stores a Delta table may live on: S3 (and S3-compatible
+/// stores through `AWS_ENDPOINT_URL`), Azure (ADLS Gen2 and Blob) and Google Cloud Storage.
+pub const OBJECT_STORE_SCHEMES: &[&str] = &["s3", "s3a", "az", "abfs", "abfss", "adl", "azure", "gs"];
+
+/// Whether `path` is an object-store URL (`s3://bucket/table`, `abfss://…`, `gs://…`)
+/// rather than a local folder.
+pub fn is_object_store_url(path: &str) -> bool {
+    path.split_once("://").is_some_and(|(scheme, _)| OBJECT_STORE_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()))
+}
+
 fn table_url(path: &str) -> Result<url::Url, DataError> {
+    // The object-store handlers register themselves at start-up; registering again
+    // costs nothing and does not rely on the linker keeping that code.
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        deltalake::aws::register_handlers(None);
+        deltalake::azure::register_handlers(None);
+        deltalake::gcp::register_handlers(None);
+    });
+    if path.contains("://") && !is_object_store_url(path) && !path.starts_with("file://") {
+        return Err(DataError::Delta {
+            path: path.to_string(),
+            message: format!(
+                "this URL scheme is not a supported store: use a local folder or one of {}",
+                OBJECT_STORE_SCHEMES.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")
+            ),
+        });
+    }
     deltalake::ensure_table_uri(path).map_err(delta_err(path))
+}
+
+/// Whether a Delta table exists at `url` (for object stores, where there is no folder
+/// to look at): `Ok(false)` when the store answers that there is none, an error when
+/// the store cannot be reached or refuses the credentials.
+async fn remote_table_exists(url: url::Url, path: &str) -> Result<bool, DataError> {
+    match deltalake::open_table(url).await {
+        Ok(_) => Ok(true),
+        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => Ok(false),
+        Err(e) => Err(delta_err(path)(e)),
+    }
 }
 
 /// Reads a Delta table into one DataFrame.
@@ -166,8 +204,11 @@ pub(crate) fn current_version(path: &str) -> Result<Option<u64>, DataError> {
     }
     let url = table_url(path)?;
     block_on(async move {
-        let t = deltalake::open_table(url).await.map_err(delta_err(path))?;
-        Ok(t.version().map(|v| v as u64))
+        match deltalake::open_table(url).await {
+            Ok(t) => Ok(t.version().map(|v| v as u64)),
+            Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) if path.contains("://") => Ok(None),
+            Err(e) => Err(delta_err(path)(e)),
+        }
     })
 }
 
@@ -177,7 +218,11 @@ pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, 
         std::fs::create_dir_all(path)
             .map_err(|e| DataError::Io { path: path.to_string(), message: format!("cannot create the table folder: {e}") })?;
     }
-    let exists = !path.contains("://") && Path::new(path).join("_delta_log").is_dir();
+    let url = table_url(path)?;
+    let exists = match path.contains("://") {
+        false => Path::new(path).join("_delta_log").is_dir(),
+        true => block_on(remote_table_exists(url.clone(), path))?,
+    };
     if exists && mode == WriteMode::Create {
         return Err(DataError::Delta {
             path: path.to_string(),
@@ -185,7 +230,6 @@ pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, 
         });
     }
     let batch = arrow_bridge::df_to_batch(df)?;
-    let url = table_url(path)?;
     block_on(async move {
         let derr = delta_err(path);
         if !exists {

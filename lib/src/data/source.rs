@@ -332,8 +332,17 @@ impl Dataset {
 
     /// Opens any source by its shape: a folder with `_delta_log/` (Delta), a
     /// folder of `.txt` (text), of `.jsonl`/`.parquet`/`.csv` files, or a file
-    /// with one of those extensions. Append `@vN` to a Delta path for a version.
+    /// with one of those extensions; an object-store URL (`s3://bucket/table`,
+    /// `abfss://…`, `gs://…`) is a Delta table. Append `@vN` to a Delta path for a
+    /// version.
     pub fn open(source: &str) -> Result<Dataset, DataError> {
+        // On an object store (`s3://`, `abfss://`, `gs://`…) only Delta tables are read.
+        if delta::is_object_store_url(source) {
+            return match source.rsplit_once("@v").and_then(|(base, v)| v.parse::<u64>().ok().map(|v| (base, v))) {
+                Some((base, v)) => Self::from_delta_version(base, v),
+                None => Self::from_delta(source),
+            };
+        }
         if let Some((base, v)) = source.rsplit_once("@v")
             && let Ok(v) = v.parse::<u64>()
             && Path::new(base).join("_delta_log").is_dir()
