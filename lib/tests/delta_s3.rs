@@ -18,16 +18,27 @@ use tunebook::train::{FineTune, Status};
 
 const BUCKET: &str = "tunebook";
 
-struct Server {
-    child: Child,
-    _dir: tempfile::TempDir,
+/// The server's process id, for [`stop_server`].
+static SERVER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The server's data folder, removed by [`stop_server`].
+static SERVER_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Stops the server and removes its data when the test binary exits (statics are
+/// never dropped), so no `weed` outlives the tests.
+extern "C" fn stop_server() {
+    let pid = SERVER_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: signals the server this binary started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if let Some(d) = SERVER_DIR.get() {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+struct Server {
+    _child: Child,
 }
 
 fn weed_binary() -> Option<PathBuf> {
@@ -48,12 +59,12 @@ fn server(test: &str) -> Option<&'static str> {
     static SERVER: OnceLock<Option<(std::sync::Mutex<Server>, String)>> = OnceLock::new();
     let s = SERVER.get_or_init(|| {
         let weed = weed_binary()?;
-        let dir = tempfile::tempdir().unwrap();
+        let dir = SERVER_DIR.get_or_init(|| tempfile::tempdir().unwrap().keep());
         let s3 = free_port();
         let (key, secret) = ("tunebook-test", "tunebook-test-secret");
         let child = Command::new(&weed)
             .arg("mini")
-            .arg(format!("-dir={}", dir.path().display()))
+            .arg(format!("-dir={}", dir.display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"])
             .arg(format!("-bucket={BUCKET}"))
             .arg(format!("-s3.port={s3}"))
@@ -67,6 +78,9 @@ fn server(test: &str) -> Option<&'static str> {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting weed mini");
+        SERVER_PID.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: registers a plain function to run at exit.
+        unsafe { libc::atexit(stop_server) };
         let endpoint = format!("http://127.0.0.1:{s3}");
         // SAFETY: set once, before any test talks to the store.
         unsafe {
@@ -76,7 +90,7 @@ fn server(test: &str) -> Option<&'static str> {
             std::env::set_var("AWS_ACCESS_KEY_ID", key);
             std::env::set_var("AWS_SECRET_ACCESS_KEY", secret);
         }
-        let server = Server { child, _dir: dir };
+        let server = Server { _child: child };
         // Ready when the bucket answers a table write.
         let start = Instant::now();
         let probe = format!("s3://{BUCKET}/ready");
