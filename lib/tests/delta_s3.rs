@@ -177,6 +177,29 @@ fn two_concurrent_appenders_both_land_without_corrupting_the_log() -> Result<()>
 }
 
 #[test]
+fn two_writers_that_both_find_no_table_both_land_one_creating_it() -> Result<()> {
+    if server("s3_create_race").is_none() {
+        return Ok(());
+    }
+    let url = format!("s3://{BUCKET}/create-race");
+    let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (url, start) = (url.clone(), start.clone());
+            std::thread::spawn(move || -> Result<u64> {
+                start.wait();
+                Ok(Dataset::from_polars(chat_rows(10 * w..10 * w + 5)).to_delta(&url, WriteMode::Append)?)
+            })
+        })
+        .collect();
+    let mut versions: Vec<u64> = writers.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+    versions.sort();
+    assert_eq!(versions, vec![0, 1]);
+    assert_eq!(Dataset::open(&url)?.len(), 10);
+    Ok(())
+}
+
+#[test]
 fn a_run_trains_from_an_s3_delta_table() -> Result<()> {
     if server("s3_train").is_none() {
         return Ok(());

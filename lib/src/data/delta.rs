@@ -102,6 +102,14 @@ fn table_url(path: &str) -> Result<url::Url, DataError> {
     deltalake::ensure_table_uri(path).map_err(delta_err(path))
 }
 
+/// Whether a table exists now at `url` (after a failed create), on disk or in a store.
+async fn table_now_exists(url: &url::Url, path: &str) -> bool {
+    match path.contains("://") {
+        false => Path::new(path).join("_delta_log").is_dir() && deltalake::open_table(url.clone()).await.is_ok(),
+        true => matches!(remote_table_exists(url.clone(), path).await, Ok(true)),
+    }
+}
+
 /// Whether a Delta table exists at `url` (for object stores, where there is no folder
 /// to look at): `Ok(false)` when the store answers that there is none, an error when
 /// the store cannot be reached or refuses the credentials.
@@ -232,6 +240,9 @@ pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, 
     let batch = arrow_bridge::df_to_batch(df)?;
     block_on(async move {
         let derr = delta_err(path);
+        // Data files written for a table another writer created first: committed below
+        // as an append (or overwrite) of that table instead.
+        let mut orphan_adds = None;
         if !exists {
             // Data files first, then one commit that creates the table with them:
             // version 0 holds the rows, and a failed write leaves no table behind.
@@ -241,20 +252,41 @@ pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, 
             })?;
             let mut writer = RecordBatchWriter::try_new(url.as_str(), batch.schema(), None, None).map_err(&derr)?;
             if batch.num_rows() > 0 {
-                writer.write(batch).await.map_err(&derr)?;
+                // (A clone shares the columns: the batch is kept for the path below.)
+                writer.write(batch.clone()).await.map_err(&derr)?;
             }
             let adds = writer.flush().await.map_err(&derr)?;
-            let table = DeltaTable::try_from_url(url)
+            let created = DeltaTable::try_from_url(url.clone())
                 .await
                 .map_err(&derr)?
                 .create()
                 .with_columns(schema.fields().cloned())
-                .with_actions(adds.into_iter().map(Action::Add))
-                .await
-                .map_err(&derr)?;
-            return Ok(table.version().unwrap_or(0) as u64);
+                .with_actions(adds.iter().cloned().map(Action::Add))
+                .await;
+            match created {
+                Ok(table) => return Ok(table.version().unwrap_or(0) as u64),
+                // Another writer created the table between our check and our commit.
+                Err(_) if mode != WriteMode::Create && table_now_exists(&url, path).await => orphan_adds = Some(adds),
+                Err(e) => return Err(derr(e)),
+            }
         }
         let mut table = deltalake::open_table(url).await.map_err(&derr)?;
+        if let Some(adds) = orphan_adds {
+            let snapshot = table.snapshot().map_err(&derr)?;
+            let mut actions: Vec<Action> = match mode {
+                WriteMode::Overwrite => snapshot.log_data().iter().map(|f| Action::Remove(f.remove_action(true))).collect(),
+                _ => vec![],
+            };
+            actions.extend(adds.into_iter().map(Action::Add));
+            let save = if mode == WriteMode::Overwrite { SaveMode::Overwrite } else { SaveMode::Append };
+            let op = DeltaOperation::Write { mode: save, partition_by: None, predicate: None };
+            let done = CommitBuilder::default()
+                .with_actions(actions)
+                .build(Some(snapshot), table.log_store(), op)
+                .await
+                .map_err(&derr)?;
+            return Ok(done.version() as u64);
+        }
         let mut writer = RecordBatchWriter::for_table(&table).map_err(&derr)?;
         if batch.num_rows() > 0 {
             writer.write(batch).await.map_err(|e| DataError::Delta {
