@@ -390,17 +390,7 @@ fn u32s(v: &Json) -> Vec<u32> {
 fn write_reference_model(model: &Json, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("config.json"), model["config"].as_str().unwrap())?;
-    for file in model["safetensors"].as_array().unwrap() {
-        let mut tensors = std::collections::HashMap::new();
-        for t in file["tensors"].as_array().unwrap() {
-            assert_eq!(t["dtype"], "float32");
-            let name = t["name"].as_str().unwrap();
-            let shape: Vec<usize> = serde_json::from_value(t["shape"].clone())?;
-            let values: Vec<f32> = common::formula::weights(name, shape.iter().product()).into_iter().map(|v| v as f32).collect();
-            tensors.insert(name.to_string(), Tensor::from_vec(values, shape, &Device::Cpu)?);
-        }
-        candle_core::safetensors::save(&tensors, dir.join(file["file"].as_str().unwrap()))?;
-    }
+    common::formula::write_safetensors(&model["safetensors"], dir)?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(spm_tokenizer_dir().join(f), dir.join(f))?;
     }

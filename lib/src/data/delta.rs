@@ -102,21 +102,12 @@ fn table_url(path: &str) -> Result<url::Url, DataError> {
     deltalake::ensure_table_uri(path).map_err(delta_err(path))
 }
 
-/// Whether a table exists now at `url` (after a failed create), on disk or in a store.
-async fn table_now_exists(url: &url::Url, path: &str) -> bool {
-    match path.contains("://") {
-        false => Path::new(path).join("_delta_log").is_dir() && deltalake::open_table(url.clone()).await.is_ok(),
-        true => matches!(remote_table_exists(url.clone(), path).await, Ok(true)),
-    }
-}
-
-/// Whether a Delta table exists at `url` (for object stores, where there is no folder
-/// to look at): `Ok(false)` when the store answers that there is none, an error when
-/// the store cannot be reached or refuses the credentials.
-async fn remote_table_exists(url: url::Url, path: &str) -> Result<bool, DataError> {
+/// The Delta table at `url`, or `None` when the folder or store answers that there is
+/// none; an error when the store cannot be reached or refuses the credentials.
+async fn open_if_exists(url: url::Url, path: &str) -> Result<Option<DeltaTable>, DataError> {
     match deltalake::open_table(url).await {
-        Ok(_) => Ok(true),
-        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => Ok(false),
+        Ok(t) => Ok(Some(t)),
+        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => Ok(None),
         Err(e) => Err(delta_err(path)(e)),
     }
 }
@@ -212,11 +203,12 @@ pub(crate) fn current_version(path: &str) -> Result<Option<u64>, DataError> {
     }
     let url = table_url(path)?;
     block_on(async move {
-        match deltalake::open_table(url).await {
-            Ok(t) => Ok(t.version().map(|v| v as u64)),
-            Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) if path.contains("://") => Ok(None),
-            Err(e) => Err(delta_err(path)(e)),
-        }
+        // A local `_delta_log/` that does not open is an error; a store says "none".
+        let table = match path.contains("://") {
+            true => open_if_exists(url, path).await?,
+            false => Some(deltalake::open_table(url).await.map_err(delta_err(path))?),
+        };
+        Ok(table.and_then(|t| t.version()).map(|v| v as u64))
     })
 }
 
@@ -227,10 +219,12 @@ pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, 
             .map_err(|e| DataError::Io { path: path.to_string(), message: format!("cannot create the table folder: {e}") })?;
     }
     let url = table_url(path)?;
-    let exists = match path.contains("://") {
-        false => Path::new(path).join("_delta_log").is_dir(),
-        true => block_on(remote_table_exists(url.clone(), path))?,
+    // On a store the existence check opens the table; it is kept for the write below.
+    let existing = match path.contains("://") {
+        true => block_on(open_if_exists(url.clone(), path))?,
+        false => None,
     };
+    let exists = existing.is_some() || (!path.contains("://") && Path::new(path).join("_delta_log").is_dir());
     if exists && mode == WriteMode::Create {
         return Err(DataError::Delta {
             path: path.to_string(),
@@ -243,6 +237,7 @@ pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, 
         // Data files written for a table another writer created first: committed below
         // as an append (or overwrite) of that table instead.
         let mut orphan_adds = None;
+        let mut existing = existing;
         if !exists {
             // Data files first, then one commit that creates the table with them:
             // version 0 holds the rows, and a failed write leaves no table behind.
@@ -266,11 +261,20 @@ pub(crate) fn write(path: &str, df: &DataFrame, mode: WriteMode) -> Result<u64, 
             match created {
                 Ok(table) => return Ok(table.version().unwrap_or(0) as u64),
                 // Another writer created the table between our check and our commit.
-                Err(_) if mode != WriteMode::Create && table_now_exists(&url, path).await => orphan_adds = Some(adds),
+                Err(e) if mode != WriteMode::Create => match open_if_exists(url.clone(), path).await {
+                    Ok(Some(t)) => {
+                        existing = Some(t);
+                        orphan_adds = Some(adds);
+                    }
+                    _ => return Err(derr(e)),
+                },
                 Err(e) => return Err(derr(e)),
             }
         }
-        let mut table = deltalake::open_table(url).await.map_err(&derr)?;
+        let mut table = match existing {
+            Some(t) => t,
+            None => deltalake::open_table(url).await.map_err(&derr)?,
+        };
         if let Some(adds) = orphan_adds {
             let snapshot = table.snapshot().map_err(&derr)?;
             let mut actions: Vec<Action> = match mode {

@@ -464,33 +464,21 @@ impl Dist {
 
     /// Sums `buf` across ranks (`what` names it in a timeout message).
     pub fn all_reduce_f32(&self, buf: &mut [f32], what: &str) -> Result<()> {
-        if self.world() == 1 {
-            return Ok(());
-        }
         self.guarded(what, |b| b.all_reduce_f32(buf))
     }
 
     /// Sums `buf` across ranks (`what` names it in a timeout message).
     pub fn all_reduce_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
-        if self.world() == 1 {
-            return Ok(());
-        }
         self.guarded(what, |b| b.all_reduce_f64(buf))
     }
 
     /// Rank 0's `buf` on every rank.
     pub fn broadcast(&self, buf: &mut Vec<u8>, what: &str) -> Result<()> {
-        if self.world() == 1 {
-            return Ok(());
-        }
         self.guarded(what, |b| b.broadcast(buf))
     }
 
     /// Waits for every rank.
     pub fn barrier(&self, what: &str) -> Result<()> {
-        if self.world() == 1 {
-            return Ok(());
-        }
         self.guarded(what, |b| b.barrier())
     }
 }

@@ -480,6 +480,11 @@ pub struct Exported {
 }
 
 impl Exported {
+    /// What the files may get wrong, one line each, naming the file.
+    fn warnings(&self) -> Vec<String> {
+        self.gguf.iter().flat_map(|g| g.warnings.iter().map(|w| format!("warning: {}: {w}", g.path.display()))).collect()
+    }
+
     /// Every path written.
     pub fn files(&self) -> Vec<String> {
         let mut v: Vec<String> = self.gguf.iter().map(|g| g.path.display().to_string()).collect();
@@ -510,12 +515,6 @@ impl Exported {
             t.push([format!("{v}: gguf/"), "attached to the registered model".into(), String::new(), String::new(), String::new()]);
         }
         t
-    }
-}
-
-impl Exported {
-    fn warnings(&self) -> Vec<String> {
-        self.gguf.iter().flat_map(|g| g.warnings.iter().map(|w| format!("warning: {}: {w}", g.path.display()))).collect()
     }
 }
 

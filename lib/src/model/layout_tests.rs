@@ -12,7 +12,7 @@
 //! tensor name (FNV-1a seeded splitmix64), so no weight file is committed: the
 //! test writes the same files again and loads them.
 
-use super::{GenerationConfig, LlamaConfig, LlamaModel, RopeScaling, TensorData, write_safetensors_data};
+use super::{GenerationConfig, LlamaConfig, LlamaModel, RopeScaling};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -30,22 +30,7 @@ fn reference() -> Value {
 /// Writes the model directory of `model` with `config.json` text `config`.
 fn write_model(model: &Value, config: &str, dir: &std::path::Path) -> Result<()> {
     std::fs::write(dir.join("config.json"), config)?;
-    for file in model["safetensors"].as_array().unwrap() {
-        let mut entries = vec![];
-        for t in file["tensors"].as_array().unwrap() {
-            let name = t["name"].as_str().unwrap();
-            let shape: Vec<usize> = serde_json::from_value(t["shape"].clone())?;
-            let values: Vec<f32> = weights(name, shape.iter().product()).into_iter().map(|v| v as f32).collect();
-            let mut tensor = Tensor::from_vec(values, shape, &Device::Cpu)?;
-            tensor = match t["dtype"].as_str().unwrap() {
-                "float32" => tensor,
-                "bfloat16" => tensor.to_dtype(DType::BF16)?,
-                other => anyhow::bail!("dtype {other} in the reference"),
-            };
-            entries.push((name.to_string(), TensorData::Tensor(tensor)));
-        }
-        write_safetensors_data(&dir.join(file["file"].as_str().unwrap()), entries)?;
-    }
+    formula::write_safetensors(&model["safetensors"], dir)?;
     if let Some(index) = model["safetensors_index_json"].as_str() {
         std::fs::write(dir.join("model.safetensors.index.json"), index)?;
     }

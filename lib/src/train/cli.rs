@@ -24,7 +24,6 @@ pub fn train(config: Option<&Path>, run_dir: Option<&Path>, detach: bool) -> Res
                 bail!("--detach starts one background worker; under {} the launcher owns the {} processes: run without --detach", dist.launch().launcher, dist.world());
             }
             let mut dir = Vec::new();
-            let mut run = None;
             let mut failed = None;
             if leader {
                 let created = (|| {
@@ -49,7 +48,6 @@ pub fn train(config: Option<&Path>, run_dir: Option<&Path>, detach: bool) -> Res
                         println!("run {} ({})", r.name(), r.dir().display());
                         announce(&dist);
                         dir = r.dir().to_string_lossy().into_owned().into_bytes();
-                        run = Some(r);
                     }
                     Err(e) => failed = Some(e),
                 }
@@ -79,7 +77,6 @@ pub fn train(config: Option<&Path>, run_dir: Option<&Path>, detach: bool) -> Res
                 bar.set_message(format!("loss {:.4} · lr {:.2e} · {:.0} tok/s", p.loss, p.lr, p.tokens_per_sec));
             });
             bar.finish();
-            drop(run);
             let summary = result?;
             if leader {
                 if let Some(m) = &summary.model_dir {

@@ -367,15 +367,11 @@ impl Trainer {
     /// (config, checkpoint to resume from); only rank 0 writes it.
     pub fn new_on(cfg: TrainConfig, run_dir: &Path, tracker: Box<dyn Tracker>, dist: Arc<Dist>) -> Result<Self> {
         cfg.validate()?;
-        if cfg.grad_accum < dist.world() {
+        let (accum, ranks) = (cfg.grad_accum, dist.world());
+        if accum < ranks {
             bail!(
-                "grad_accum = {} gives {} micro-batches per step, fewer than the {} ranks: set grad_accum to a multiple of {} \
-                 (each rank then runs grad_accum / {} micro-batches of batch_size per step; batch_size × grad_accum is the global batch)",
-                cfg.grad_accum,
-                cfg.grad_accum,
-                dist.world(),
-                dist.world(),
-                dist.world()
+                "grad_accum = {accum} gives {accum} micro-batches per step, fewer than the {ranks} ranks: set grad_accum to a multiple of {ranks} \
+                 (each rank then runs grad_accum / {ranks} micro-batches of batch_size per step; batch_size × grad_accum is the global batch)"
             );
         }
         let run_files = RunFiles::new(run_dir);

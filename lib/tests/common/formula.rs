@@ -25,3 +25,28 @@ pub fn weights(name: &str, n: usize) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Writes the safetensors files a reference recorded (`[{"file", "tensors": [{"name",
+/// "dtype", "shape"}]}]`, as transformers saved them) into `dir`, every tensor filled by
+/// the formula and stored as `float32` or `bfloat16` like the original.
+pub fn write_safetensors(files: &serde_json::Value, dir: &std::path::Path) -> anyhow::Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    for file in files.as_array().ok_or_else(|| anyhow::anyhow!("the reference's safetensors list is not an array"))? {
+        let mut tensors = std::collections::HashMap::new();
+        for t in file["tensors"].as_array().ok_or_else(|| anyhow::anyhow!("{file}: no tensors array"))? {
+            let name = t["name"].as_str().ok_or_else(|| anyhow::anyhow!("{t}: no name"))?;
+            let shape: Vec<usize> = serde_json::from_value(t["shape"].clone())?;
+            let values: Vec<f32> = weights(name, shape.iter().product()).into_iter().map(|v| v as f32).collect();
+            let tensor = Tensor::from_vec(values, shape, &Device::Cpu)?;
+            let tensor = match t["dtype"].as_str() {
+                Some("float32") => tensor,
+                Some("bfloat16") => tensor.to_dtype(DType::BF16)?,
+                other => anyhow::bail!("dtype {other:?} of {name} in the reference"),
+            };
+            tensors.insert(name.to_string(), tensor);
+        }
+        let out = file["file"].as_str().ok_or_else(|| anyhow::anyhow!("{file}: no file name"))?;
+        candle_core::safetensors::save(&tensors, dir.join(out))?;
+    }
+    Ok(())
+}
